@@ -78,7 +78,7 @@ def read_config(ckpt_dir: Path) -> dict:
     try:
         config = json.loads((ckpt_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt_dir} has no readable config.json ({e})") from e
+        raise UserError(f"checkpoint {ckpt_dir} is corrupt: its config.json is unreadable ({e})") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise UserError(f"checkpoint {ckpt_dir} has a config.json this project cannot read")
     return config

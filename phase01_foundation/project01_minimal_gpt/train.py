@@ -66,6 +66,19 @@ PRESETS = {
         GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
         TrainConfig(),
     ),
+    # Sized for a few minutes on a laptop CPU (in the spirit of nanoGPT's README CPU example).
+    "cpu": (
+        GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        TrainConfig(
+            batch_size=32,
+            max_iters=2000,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_iters=100,
+            eval_interval=250,
+            eval_iters=50,
+        ),
+    ),
     "tiny": (
         GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
         TrainConfig(

@@ -1,0 +1,77 @@
+"""Test machinery shared by every project: load a project's modules in isolation, build small corpora, run
+scripts in-process.
+
+Thirty folders each have their own `model.py`, `train.py`, ...; a project imports its siblings by bare name
+(`from model import GPT`). load_project() imports one folder's modules with that folder first on sys.path
+and then takes the bare names out of sys.modules again, so the next project gets its own copies.
+"""
+
+import importlib
+import random
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECTS = sorted(p for p in ROOT.glob("phase*/project*") if (p / "model.py").exists())
+_loaded: dict[Path, SimpleNamespace] = {}
+
+
+def project_dir(name: str) -> Path:
+    """The folder of a project by its name, e.g. "project01_minimal_gpt"."""
+    matches = [p for p in PROJECTS if p.name == name]
+    assert matches, f"no project folder named {name}"
+    return matches[0]
+
+
+def load_project(folder: Path | str) -> SimpleNamespace:
+    """Every top-level module of a project folder, as attributes: load_project(...).model.GPT."""
+    folder = project_dir(folder) if isinstance(folder, str) else folder
+    if folder not in _loaded:
+        names = sorted(p.stem for p in folder.glob("*.py"))
+        shadowed = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+        sys.path.insert(0, str(folder))
+        try:
+            _loaded[folder] = SimpleNamespace(**{n: importlib.import_module(n) for n in names})
+        finally:
+            sys.path.remove(str(folder))
+            for n in names:
+                sys.modules.pop(n, None)
+            sys.modules.update(shadowed)
+    return _loaded[folder]
+
+
+def run_main(module, *argv: str) -> int:
+    """Call a script's main(argv) in-process; argparse's exits (--help, bad flags) become return codes."""
+    try:
+        return module.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+_WORDS = (
+    "the king queen lord lady good sir my thou thee art what shall we now come here there love night day "
+    "fair sweet death life heart hand eyes blood crown sword honour speak tell hear see know make give"
+).split()
+_NAMES = ["ROMEO", "JULIET", "KING HENRY", "LADY MACBETH", "FIRST CITIZEN", "GLOUCESTER"]
+
+
+def make_corpus(n_speeches: int = 400, seed: int = 0) -> str:
+    """A play-shaped text (speaker, then lines of words) with a small character set, built without any
+    download: enough structure for a tiny model to learn something in a few steps."""
+    rng = random.Random(seed)
+    speeches = []
+    for _ in range(n_speeches):
+        lines = [" ".join(rng.choices(_WORDS, k=rng.randint(4, 9))).capitalize() + rng.choice(",.!?;:")
+                 for _ in range(rng.randint(1, 3))]  # fmt: skip
+        speeches.append(f"{rng.choice(_NAMES)}:\n" + "\n".join(lines) + "\n")
+    return "\n".join(speeches)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "play.txt"
+    path.write_text(make_corpus(), encoding="utf-8")
+    return path

@@ -1,0 +1,192 @@
+"""The contract every project folder keeps (CONVENTIONS.md): its scripts import and answer --help; a tiny
+training run writes a checkpoint that generate.py loads; checkpoints round-trip exactly; a seed fixes the
+sample; attention is causal; bad input ends with one line on stderr and exit code 2, and never costs the
+user an existing checkpoint."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROJECTS, load_project, run_main
+
+SCRIPTS = ("train", "generate", "benchmark")
+
+
+@pytest.fixture(scope="session", params=PROJECTS, ids=[p.name for p in PROJECTS])
+def project(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def trained(project, corpus_file, tmp_path_factory) -> Path:
+    """A checkpoint from `train.py --preset tiny`, shared by the tests below (read-only: copy to modify)."""
+    out = tmp_path_factory.mktemp(project.name) / "ckpt"
+    rc = run_main(load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", out)
+    assert rc == 0
+    return out
+
+
+def assert_one_line_error(capsys, rc: int) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    return lines[0]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_answers_help(project, script, capsys):
+    module = getattr(load_project(project), script)
+    assert run_main(module, "--help") == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--device" in out
+
+
+def test_training_writes_a_complete_checkpoint(trained):
+    for name in ("model.safetensors", "config.json", "train_state.pt", "metrics.jsonl", "loss_curve.png"):
+        assert (trained / name).is_file(), name
+    assert (trained / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_generate_loads_the_checkpoint(project, trained, capsys):
+    rc = run_main(load_project(project).generate, "--checkpoint", trained, "--prompt", "ROMEO:",
+                  "--max-new-tokens", 30)  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:") + 5
+
+
+def test_checkpoint_round_trip_gives_identical_logits(project, trained, tmp_path):
+    ckpt = load_project(project).checkpoint
+    model, config = ckpt.load_checkpoint(trained)
+    meta = {k: v for k, v in config.items() if k not in ("format", "project", "model")}
+    ckpt.save_checkpoint(tmp_path / "copy", model, meta)
+    again, _ = ckpt.load_checkpoint(tmp_path / "copy")
+    idx = torch.randint(
+        model.config.vocab_size, (2, model.config.block_size), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], again(idx)[0])
+    assert again.lm_head.weight.data_ptr() == again.wte.weight.data_ptr(), "weight tying lost on load"
+
+
+def test_same_seed_same_sample(project, trained, capsys):
+    gen = load_project(project).generate
+
+    def sample(seed):
+        assert (
+            run_main(
+                gen, "--checkpoint", trained, "--max-new-tokens", 60, "--temperature", 1.0, "--seed", seed
+            )
+            == 0
+        )
+        return capsys.readouterr().out
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+
+
+def test_changing_a_future_token_never_changes_earlier_logits(project, trained):
+    model, _ = load_project(project).checkpoint.load_checkpoint(trained)
+    T, V = model.config.block_size, model.config.vocab_size
+    idx = torch.randint(V, (1, T), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    t = T // 2
+    changed[0, t:] = (changed[0, t:] + 1) % V  # every token from position t on is different
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+# --- bad input: one line on stderr, exit code 2, nothing lost -------------------------------------------
+
+
+def test_missing_checkpoint(project, tmp_path, capsys):
+    rc = run_main(load_project(project).generate, "--checkpoint", tmp_path / "nowhere")
+    line = assert_one_line_error(capsys, rc)
+    assert "train.py" in line  # says what to run first
+
+
+@pytest.mark.parametrize("broken", ["model.safetensors", "config.json"])
+def test_corrupt_checkpoint(project, trained, tmp_path, capsys, broken):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    data = (copy / broken).read_bytes()
+    (copy / broken).write_bytes(data[: len(data) // 2])  # a torn write
+    rc = run_main(load_project(project).generate, "--checkpoint", copy)
+    assert "corrupt" in assert_one_line_error(capsys, rc)
+
+
+def test_corrupt_train_state_on_resume(project, trained, corpus_file, tmp_path, capsys):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    (copy / "train_state.pt").write_bytes(b"not a torch file")
+    before = digest(copy)
+    rc = run_main(
+        load_project(project).train, "--resume", "--max-iters", 1000, "--data", corpus_file, "--out", copy
+    )
+    assert_one_line_error(capsys, rc)
+    assert digest(copy) == before
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"caf\xe9 au lait, latin-1 not utf-8\n" * 100], ids=["empty", "not-utf8"]
+)
+def test_bad_data_file_keeps_existing_checkpoint(project, trained, tmp_path, capsys, content):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    before = digest(copy)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    train = load_project(project).train
+    for flags in (["--resume", "--max-iters", "1000"], ["--overwrite", "--preset", "tiny"]):
+        rc = run_main(train, *flags, "--data", bad, "--out", copy)
+        assert_one_line_error(capsys, rc)
+    assert digest(copy) == before
+
+
+def test_training_refuses_to_overwrite_a_checkpoint(project, trained, corpus_file, tmp_path, capsys):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    before = digest(copy)
+    rc = run_main(load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", copy)
+    assert "--resume" in assert_one_line_error(capsys, rc)
+    assert digest(copy) == before
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "ten"])
+def test_bad_max_new_tokens(project, trained, capsys, value):
+    rc = run_main(load_project(project).generate, "--checkpoint", trained, "--max-new-tokens", value)
+    assert "--max-new-tokens" in assert_one_line_error(capsys, rc)
+
+
+def test_prompt_outside_the_vocabulary(project, trained, capsys):
+    config = load_project(project).checkpoint.read_config(trained)
+    if config["tokenizer"]["type"] != "char":
+        pytest.skip("a byte-level vocabulary encodes any text")
+    rc = run_main(load_project(project).generate, "--checkpoint", trained, "--prompt", "日本")
+    assert "vocabulary" in assert_one_line_error(capsys, rc)
+
+
+def test_prompt_longer_than_the_context(project, trained, capsys):
+    model, _ = load_project(project).checkpoint.load_checkpoint(trained)
+    rc = run_main(
+        load_project(project).generate, "--checkpoint", trained, "--prompt", "a " * model.config.block_size
+    )
+    assert "context" in assert_one_line_error(capsys, rc)
+
+
+def test_real_command_line_error_has_no_traceback(project, tmp_path):
+    """The same as above, but through the interpreter, as a user runs it."""
+    script = project / "generate.py"
+    result = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
