@@ -106,17 +106,20 @@ def max_logit_difference(a: GPT, b: GPT, device) -> float:
     return (a(idx)[0].float() - b(idx)[0].float()).abs().max().item()
 
 
-def checkpoint_val_loss(args, device, dtype) -> float | None:
-    """The validation loss of a trained checkpoint, estimated exactly as train.py does (same batches)."""
+def checkpoint_val_loss(args, device, dtype) -> tuple[float | None, str]:
+    """The validation loss of a trained checkpoint, estimated exactly as train.py does (same batches).
+    Returns (loss, a note saying which checkpoint it was)."""
     if not checkpoint_exists(args.checkpoint):
-        return None
+        return None, f"not measured: no checkpoint at {args.checkpoint}"
     model, config = load_checkpoint(args.checkpoint, device)
     tokenizer = CharTokenizer(config["tokenizer"]["chars"])
     text = read_text(args.data if args.data else config["training"]["data"])
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     _, val_ids = train_val_split(ids, model.config.block_size)
     tc = TrainConfig(**config["training"]["train_config"])
-    return estimate_loss(model, {"val": val_ids}, tc, device, dtype)["val"]
+    training = config["training"]
+    note = f"checkpoint trained with the {training['preset']} preset for {training['step']} steps"
+    return estimate_loss(model, {"val": val_ids}, tc, device, dtype)["val"], note
 
 
 def device_info(device: torch.device) -> dict:
@@ -151,7 +154,9 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def build_rows(results: dict, params: int, logit_diff: float, val_loss: float | None) -> list[dict]:
+def build_rows(
+    results: dict, params: int, logit_diff: float, val_loss: tuple[float | None, str]
+) -> list[dict]:
     rows = [{"metric": "params", "variant": "model", "value": params, "unit": "params"}]
     units = {"train_step_ms": "ms", "train_tok_per_s": "tok/s", "generate_tok_per_s": "tok/s",
              "peak_train_memory_mb": "MiB"}  # fmt: skip
@@ -166,10 +171,10 @@ def build_rows(results: dict, params: int, logit_diff: float, val_loss: float | 
             rows.append(row)
     rows.append({"metric": "max_abs_logit_diff", "variant": "torch sdpa", "value": logit_diff, "unit": "",
                  "baseline": base_name})  # fmt: skip
-    row = {"metric": "val_loss", "variant": "checkpoint", "value": val_loss, "unit": "nats/char"}
-    if val_loss is None:
-        row["note"] = "not measured: no checkpoint"
-    rows.append(row)
+    loss, note = val_loss
+    rows.append(
+        {"metric": "val_loss", "variant": "checkpoint", "value": loss, "unit": "nats/char", "note": note}
+    )
     return rows
 
 
