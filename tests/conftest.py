@@ -6,6 +6,7 @@ Thirty folders each have their own `model.py`, `train.py`, ...; a project import
 and then takes the bare names out of sys.modules again, so the next project gets its own copies.
 """
 
+import contextlib
 import importlib
 import random
 import sys
@@ -41,6 +42,21 @@ def load_project(folder: Path | str) -> SimpleNamespace:
                 sys.modules.pop(n, None)
             sys.modules.update(shadowed)
     return _loaded[folder]
+
+
+@contextlib.contextmanager
+def modules_installed(project: SimpleNamespace):
+    """Put a loaded project's modules back under their bare names for a while: worker processes (fork)
+    find a pool's function by its module's name, e.g. `benchmark._encode_in_worker`."""
+    names = vars(project)
+    shadowed = {n: sys.modules[n] for n in names if n in sys.modules}
+    sys.modules.update(names)
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(shadowed)
 
 
 def run_main(module, *argv: str) -> int:

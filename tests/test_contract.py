@@ -1,9 +1,10 @@
 """The contract every project folder keeps (CONVENTIONS.md): its scripts import and answer --help; a tiny
-training run writes a checkpoint that generate.py loads; checkpoints round-trip exactly; a seed fixes the
-sample; attention is causal; bad input ends with one line on stderr and exit code 2, and never costs the
-user an existing checkpoint."""
+training run writes a checkpoint that generate.py loads; checkpoints round-trip exactly; an interrupted run
+resumes exactly; a seed fixes the sample; attention is causal; bad input ends with one line on stderr and
+exit code 2, and never costs the user an existing checkpoint."""
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,36 @@ def test_changing_a_future_token_never_changes_earlier_logits(project, trained):
         a, b = model(idx)[0], model(changed)[0]
     assert torch.equal(a[:, :t], b[:, :t])
     assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(
+    project, corpus_file, tmp_path, monkeypatch
+):
+    P = load_project(project)
+    flags = ["--preset", "tiny", "--data", corpus_file, "--max-iters", 50, "--eval-interval", 20]
+    assert run_main(P.train, *flags, "--out", tmp_path / "straight") == 0
+
+    real_step, calls = P.train.train_step, []
+
+    def crash_on_step_31(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 31:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run, 11 steps after the step-20 checkpoint
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(P.train, "train_step", crash_on_step_31)
+    assert run_main(P.train, *flags, "--out", tmp_path / "resumed") == 130
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["training"]["step"] == 20
+    monkeypatch.setattr(P.train, "train_step", real_step)
+    assert run_main(P.train, "--resume", "--out", tmp_path / "resumed") == 0
+
+    def metrics(name):
+        return (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+
+    assert metrics("resumed") == metrics("straight")  # every step's loss, lr, grad norm and every eval
+    a, _ = P.checkpoint.load_checkpoint(tmp_path / "straight")
+    b, _ = P.checkpoint.load_checkpoint(tmp_path / "resumed")
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
 # --- bad input: one line on stderr, exit code 2, nothing lost -------------------------------------------

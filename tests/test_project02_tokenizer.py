@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import regex
 import tiktoken
+from conftest import load_project, modules_installed, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -478,3 +479,95 @@ def test_load_rejects_other_files(tmp_path):
     path.write_text(json.dumps({"format": "something else"}), encoding="utf-8")
     with pytest.raises(ValueError):
         T.Tokenizer.load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The project: a GPT trained on BPE tokens (train.py, generate.py, benchmark.py)
+
+P = load_project("project02_tokenizer")
+MULTILINGUAL = "Ünïcödé: 日本語のテキスト, русский текст, emoji 🚀👩‍💻🇯🇵, and café ☕.\n"
+
+
+@pytest.fixture(scope="module")
+def multilingual_checkpoint(corpus_file, tmp_path_factory):
+    """A tiny model trained on play text mixed with multi-byte characters, with a 300-token BPE: most
+    non-ASCII characters stay split across several byte tokens."""
+    folder = tmp_path_factory.mktemp("p02")
+    data = folder / "mixed.txt"
+    data.write_text(corpus_file.read_text() + MULTILINGUAL * 200, encoding="utf-8")
+    assert (
+        run_main(P.train, "--preset", "tiny", "--data", data, "--out", folder / "ckpt", "--vocab-size", 300)
+        == 0
+    )
+    return folder / "ckpt", data
+
+
+def test_the_checkpoint_carries_the_tokenizer_it_was_trained_with(multilingual_checkpoint):
+    ckpt, data = multilingual_checkpoint
+    config = json.loads((ckpt / "config.json").read_text())
+    tok = P.checkpoint.load_tokenizer(ckpt)
+    assert config["tokenizer"]["type"] == "bpe" and config["model"]["vocab_size"] == tok.vocab_size == 300
+    text = data.read_text(encoding="utf-8")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(text.encode("utf-8")) / len(ids) > 1.3  # the merges compress (bytes alone give 1.0)
+
+
+def test_streaming_never_prints_half_a_character(multilingual_checkpoint, capsys):
+    """Decoding token by token would turn each split character into U+FFFD marks; the streamed text must be
+    exactly the text decoded from all bytes at once."""
+    ckpt, _ = multilingual_checkpoint
+    flags = [
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "日本",
+        "--max-new-tokens",
+        150,
+        "--temperature",
+        1.5,
+        "--seed",
+        1,
+    ]
+    assert run_main(P.generate, *flags) == 0
+    whole = capsys.readouterr().out
+    assert run_main(P.generate, *flags, "--stream") == 0
+    assert capsys.readouterr().out == whole
+    assert any(ord(c) > 127 and c != "\ufffd" for c in whole[2:])  # it did sample multi-byte characters
+
+
+def test_training_with_gpt2s_tokenizer_files(gpt2_files, tiktoken_gpt2, corpus_file, tmp_path):
+    folder = gpt2_files[0].parent
+    flags = ["--preset", "tiny", "--max-iters", 3, "--eval-iters", 1, "--eval-interval", 3]
+    assert (
+        run_main(P.train, *flags, "--data", corpus_file, "--tokenizer", folder, "--out", tmp_path / "ck") == 0
+    )
+    tok = P.checkpoint.load_tokenizer(tmp_path / "ck")
+    assert P.checkpoint.read_config(tmp_path / "ck")["model"]["vocab_size"] == 50257
+    text = corpus_file.read_text()[:2000] + EOT + " tail"
+    assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
+
+
+def test_unknown_tokenizer_is_a_clear_error(corpus_file, tmp_path, capsys):
+    rc = run_main(P.train, "--preset", "tiny", "--data", corpus_file, "--tokenizer", tmp_path / "nope.json",
+                  "--out", tmp_path / "ck")  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tokenizer" in err and err.count("\n") == 1
+    assert not (tmp_path / "ck").exists()
+
+
+def test_benchmark_matches_tiktoken_and_writes_the_schema(gpt2_files, tiktoken_gpt2, corpus_file, tmp_path):
+    with modules_installed(P):  # its worker processes look functions up by module name
+        rc = run_main(P.benchmark, "--preset", "tiny", "--data", corpus_file, "--repeats", 1, "--workers", 2,
+                      "--gpt2-files", gpt2_files[0].parent, "--out", tmp_path)  # fmt: skip
+    assert rc == 0
+    (path,) = tmp_path.glob("*-tiny.json")
+    report = json.loads(path.read_text())
+    assert report["schema"] == 1 and report["project"] == "project02_tokenizer"
+    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    assert rows[("ids_identical_to_tiktoken", "shakespeare")]["value"] == 1.0
+    assert rows[("ids_identical_to_tiktoken", "mixed")]["value"] == 1.0
+    assert rows[("encode_mb_per_s", "shakespeare: ours, cold cache")]["baseline"] == "shakespeare: tiktoken"
+    # a trained vocabulary compresses more as it grows; GPT-2's 50K compresses English most
+    bpt = {k[1]: r["value"] for k, r in rows.items() if k[0] == "bytes_per_token"}
+    assert bpt["shakespeare: vocab 300"] < bpt["shakespeare: vocab 400"] < bpt["shakespeare: gpt2 (50,257)"]

@@ -553,7 +553,17 @@ class Tokenizer:
     # --- files ---
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a readable JSON file (one entry per line):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read a file written by save()."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read(), source=str(path))
+
+    def to_json(self) -> str:
+        """A readable JSON document (one entry per line):
         {"format": "bpe-tokenizer", "version": 1, "pattern": <split regex>,
          "special_tokens": {"<|endoftext|>": 256, ...},
          "vocab": {"0": "Ā", ..., "300": "Ġthe", ...},      # id -> token, specials excluded
@@ -569,18 +579,20 @@ class Tokenizer:
             "vocab": {str(i): _to_readable(t) for i, t in sorted(self.vocab.items()) if i not in special_ids},
             "merges": [f"{_to_readable(a)} {_to_readable(b)}" for a, b in self.merges],
         }
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=0)
+        return json.dumps(data, ensure_ascii=False, indent=0)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Read a file written by save()."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("format") != "bpe-tokenizer" or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: not a version-{FORMAT_VERSION} bpe-tokenizer file")
+    def from_json(cls, text: str, source: str = "tokenizer") -> Tokenizer:
+        """The inverse of to_json()."""
+        data = json.loads(text)
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != "bpe-tokenizer"
+            or data.get("version") != FORMAT_VERSION
+        ):
+            raise ValueError(f"{source}: not a version-{FORMAT_VERSION} bpe-tokenizer file")
         if data["pattern"] != GPT2_SPLIT_PATTERN.pattern:
-            raise ValueError(f"{path}: unsupported split pattern")
+            raise ValueError(f"{source}: unsupported split pattern")
         vocab = {int(i): _from_readable(t) for i, t in data["vocab"].items()}
         merges = [tuple(map(_from_readable, line.split(" "))) for line in data["merges"]]
         return cls(vocab, merges, data["special_tokens"])
