@@ -347,10 +347,11 @@ def restore_run(ckpt_dir: Path, model: GPT, optimizer, batch_gen: torch.Generato
 
 
 def warn_slow_cpu(bar: tqdm, seconds_per_step: float, steps_left: int) -> None:
-    hours = seconds_per_step * steps_left / 3600
+    seconds = seconds_per_step * steps_left
+    duration = f"{seconds / 3600:.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
     bar.write(
         f"warning: the {DEFAULT_PRESET} preset is sized for a GPU; on this CPU it will take about "
-        f"{hours:.1f} hours ({seconds_per_step:.2f} s/step measured). Use --preset tiny for a quick run."
+        f"{duration} ({seconds_per_step:.2f} s/step measured). Use --preset tiny for a quick run."
     )
 
 
