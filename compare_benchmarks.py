@@ -63,9 +63,11 @@ def plot(rows: list[dict], path: Path) -> None:
     rows = [r for r in rows if r["value"] is not None]
     metrics = {r["metric"] for r in rows}
     if len(metrics) != 1:
-        raise SystemExit(
-            f"error: --plot needs exactly one metric (choose with --metric); found {len(metrics)}"
+        print(
+            f"error: --plot needs exactly one metric (choose with --metric); found {len(metrics)}",
+            file=sys.stderr,
         )
+        raise SystemExit(2)
     labels = [f"{r['project']} | {r['variant']} | {r['device']}" for r in rows]
     fig = Figure(figsize=(10, 0.4 * len(rows) + 1.5), dpi=120)
     ax = fig.add_subplot()
@@ -87,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = select(load_results(args.root), args.metric, args.device, args.project)
     if not rows:
         print("no results match; run a project's benchmark.py first", file=sys.stderr)
-        return 1
+        return 2
     print(format_table(rows))
     if args.plot:
+        if not args.plot.parent.is_dir():
+            print(f"error: cannot write {args.plot}: no folder {args.plot.parent}", file=sys.stderr)
+            return 2
         plot(rows, args.plot)
         print(f"\nwrote {args.plot}")
     return 0

@@ -43,4 +43,5 @@ def test_one_table_across_projects_with_filters_and_plot(tmp_path, capsys):
     assert compare.main(["--root", str(tmp_path), "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "project02_tokenizer" in out and "project01_minimal_gpt" not in out
-    assert compare.main(["--root", str(tmp_path), "--metric", "nothing"]) == 1
+    assert compare.main(["--root", str(tmp_path), "--metric", "nothing"]) == 2
+    assert compare.main(["--root", str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")]) == 2

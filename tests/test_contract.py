@@ -221,3 +221,33 @@ def test_real_command_line_error_has_no_traceback(project, tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_out_that_is_not_a_checkpoint_is_left_alone(project, corpus_file, tmp_path, capsys):
+    folder = tmp_path / "my_notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    rc = run_main(load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", folder)
+    assert "not a checkpoint" in assert_one_line_error(capsys, rc)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flag", [["--seed", "-1"], ["--lr", "-1"], ["--lr", "nan"]])
+def test_bad_training_flags(project, corpus_file, tmp_path, capsys, flag):
+    rc = run_main(
+        load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", tmp_path / "c", *flag
+    )
+    assert flag[0] in assert_one_line_error(capsys, rc)
+
+
+def test_tiny_temperature_is_refused(project, trained, capsys):
+    rc = run_main(load_project(project).generate, "--checkpoint", trained, "--temperature", "1e-45")
+    assert "--temperature" in assert_one_line_error(capsys, rc)
+
+
+def test_resume_cannot_change_the_preset(project, trained, corpus_file, tmp_path, capsys):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    rc = run_main(
+        load_project(project).train, "--resume", "--preset", "cpu", "--data", corpus_file, "--out", copy
+    )
+    assert "preset" in assert_one_line_error(capsys, rc)

@@ -571,3 +571,19 @@ def test_benchmark_matches_tiktoken_and_writes_the_schema(gpt2_files, tiktoken_g
     # a trained vocabulary compresses more as it grows; GPT-2's 50K compresses English most
     bpt = {k[1]: r["value"] for k, r in rows.items() if k[0] == "bytes_per_token"}
     assert bpt["shakespeare: vocab 300"] < bpt["shakespeare: vocab 400"] < bpt["shakespeare: gpt2 (50,257)"]
+
+
+def test_prompt_with_undecodable_bytes_is_a_clear_error(multilingual_checkpoint, capsys):
+    ckpt, _ = multilingual_checkpoint
+    prompt = b"ab\xff".decode("utf-8", errors="surrogateescape")  # what Python puts in argv for such bytes
+    rc = run_main(P.generate, "--checkpoint", ckpt, "--prompt", prompt)
+    err = capsys.readouterr().err
+    assert rc == 2 and "not valid Unicode" in err and err.count("\n") == 1
+
+
+def test_vocab_size_below_the_byte_alphabet_is_refused(corpus_file, tmp_path, capsys):
+    rc = run_main(
+        P.train, "--preset", "tiny", "--data", corpus_file, "--vocab-size", 256, "--out", tmp_path / "c"
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "--vocab-size" in err and err.count("\n") == 1

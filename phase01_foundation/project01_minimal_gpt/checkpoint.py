@@ -58,7 +58,7 @@ def load_checkpoint(ckpt_dir: Path, device: torch.device | str = "cpu") -> tuple
     config = read_config(ckpt_dir)
     try:
         model = GPT(GPTConfig(**config["model"]))
-    except TypeError as e:
+    except (TypeError, ValueError, AssertionError) as e:
         raise UserError(f"checkpoint {ckpt_dir} has a model config this project cannot read ({e})") from e
     load_weights(model, ckpt_dir)
     return model.to(device).eval(), config
@@ -79,7 +79,12 @@ def read_config(ckpt_dir: Path) -> dict:
         config = json.loads((ckpt_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt_dir} is corrupt: its config.json is unreadable ({e})") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
+    required = ("model", "tokenizer", "training")
+    if (
+        not isinstance(config, dict)
+        or config.get("format") != FORMAT
+        or any(k not in config for k in required)
+    ):
         raise UserError(f"checkpoint {ckpt_dir} has a config.json this project cannot read")
     return config
 

@@ -27,7 +27,7 @@ GPT2_FILES = {
 SPECIAL_TOKENS = ["<|endoftext|>"]  # NEW: documents are separated by this token, never merged into others
 
 
-def download(url: str, dest: Path, digest: str, algorithm: str = "md5") -> Path:
+def download(url: str, dest: Path, digest: str, algorithm: str = "md5", offline_hint: str = "") -> Path:
     """Fetch url to dest once, with a progress bar; verify the checksum before the file appears."""
     if dest.exists():
         return dest
@@ -44,12 +44,13 @@ def download(url: str, dest: Path, digest: str, algorithm: str = "md5") -> Path:
         if got != digest:
             raise UserError(
                 f"download of {url} is corrupt ({algorithm} {got}, expected {digest}); run again, "
-                "or pass a local text file with --data FILE"
+                f"or pass {offline_hint or 'a local text file with --data FILE'}"
             )
         os.replace(tmp, dest)  # atomic: dest is either absent or complete
     except (urllib.error.URLError, OSError) as e:
         raise UserError(
-            f"could not download {url} ({e}); when offline, pass a local text file with --data FILE"
+            f"could not download {url} ({e}); when offline, pass "
+            f"{offline_hint or 'a local text file with --data FILE'}"
         ) from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -82,7 +83,8 @@ def gpt2_tokenizer(folder: Path | None = None) -> Tokenizer:
     if folder is None:
         folder = DATA_DIR / "gpt2"
         for name, sha256 in GPT2_FILES.items():
-            download(GPT2_URL + name, folder / name, sha256, "sha256")
+            hint = "--tokenizer DIR (train) or --gpt2-files DIR (benchmark) with encoder.json and vocab.bpe"
+            download(GPT2_URL + name, folder / name, sha256, "sha256", offline_hint=hint)
     try:
         return Tokenizer.from_gpt2_files(folder / "encoder.json", folder / "vocab.bpe")
     except (OSError, ValueError, KeyError) as e:
@@ -93,6 +95,10 @@ def make_tokenizer(spec: str, text: str, vocab_size: int) -> tuple[Tokenizer, st
     """NEW: the tokenizer named by --tokenizer. "bpe" trains one on the text; "gpt2" is GPT-2's; a path is
     a file written by Tokenizer.save or a folder with GPT-2's two files. Returns (tokenizer, description)."""
     if spec == "bpe":
+        if vocab_size <= 256 + len(SPECIAL_TOKENS):
+            raise UserError(
+                f"--vocab-size must be above {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)"
+            )
         vocab, merges = train_bpe_from_text(text, vocab_size, SPECIAL_TOKENS)
         return Tokenizer(
             vocab, merges, SPECIAL_TOKENS

@@ -18,11 +18,12 @@ from cli import (
     add_device_args,
     autocast,
     exits_cleanly,
-    non_negative_float,
+    non_negative_int,
     pick_device,
     pick_dtype,
     positive_int,
     probability,
+    temperature,
 )
 from model import GPT
 from tokenizer import Tokenizer
@@ -33,11 +34,11 @@ def parse_args(argv):
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"(default: {DEFAULT_DIR})")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens to sample per sample")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
     p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=non_negative_int, default=1337)
     p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'")
     add_device_args(p)
@@ -45,7 +46,10 @@ def parse_args(argv):
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int, device) -> torch.Tensor:
-    ids = tokenizer.encode(prompt)  # byte-level: any text encodes
+    try:
+        ids = tokenizer.encode(prompt)  # byte-level: any valid text encodes
+    except UnicodeEncodeError as e:  # lone surrogates: what Python makes of undecodable bytes in argv
+        raise UserError(f"the prompt is not valid Unicode text ({e.reason} at position {e.start})") from e
     if not ids:
         raise UserError("the prompt is empty; give at least one character")
     if len(ids) > block_size:
@@ -108,12 +112,12 @@ def interact(model: GPT, tokenizer: Tokenizer, args, gen, amp) -> int:
             return 0
         if line.strip() == "quit":
             return 0
-        last = line or last
         try:
-            idx = encode_prompt(tokenizer, last, model.config.block_size, gen.device)
+            idx = encode_prompt(tokenizer, line or last, model.config.block_size, gen.device)
         except UserError as e:  # a bad prompt should not end the session
             print(f"error: {e}", file=sys.stderr)
             continue
+        last = line or last
         print(last, end="", flush=True)
         sample(model, tokenizer, idx, args, gen, amp, stream=True)
         print()

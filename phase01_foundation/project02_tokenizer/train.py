@@ -35,8 +35,10 @@ from cli import (
     autocast,
     command,
     exits_cleanly,
+    non_negative_int,
     pick_device,
     pick_dtype,
+    positive_float,
     positive_int,
     seed_everything,
     sync,
@@ -69,7 +71,7 @@ PRESETS = {
         GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
         TrainConfig(),
     ),
-    # Sized for a few minutes on a laptop CPU (in the spirit of nanoGPT's README CPU example).
+    # Sized for a CPU: 0.8M parameters, 2000 steps (in the spirit of nanoGPT's README CPU example).
     "cpu": (
         GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
         TrainConfig(
@@ -187,20 +189,24 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     add_device_args(p)
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: 1337)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: 1337)")
     p.add_argument("--max-iters", type=positive_int, default=None, help="total optimizer steps")
     p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
     p.add_argument(
         "--eval-interval", type=positive_int, default=None, help="evaluate and checkpoint every N steps"
     )
     p.add_argument("--eval-iters", type=positive_int, default=None, help="batches per loss estimate")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
+    return args
 
 
 def resolve_configs(args, saved: dict | None) -> tuple[str, GPTConfig, TrainConfig]:
     """Preset, then what a resumed checkpoint recorded, then explicit flags: later wins."""
-    preset = args.preset or (saved["training"]["preset"] if saved else DEFAULT_PRESET)
+    preset = saved["training"]["preset"] if saved else args.preset or DEFAULT_PRESET
+    if saved and args.preset not in (None, preset):
+        raise UserError(f"the run in {args.out} uses the {preset} preset; --resume cannot change it")
     mc, tc = PRESETS[preset]
     if saved:
         mc = GPTConfig(**saved["model"])
@@ -221,6 +227,14 @@ def resolve_configs(args, saved: dict | None) -> tuple[str, GPTConfig, TrainConf
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     saved = read_config(args.out) if args.resume else None
+    if (
+        args.out.exists()
+        and not checkpoint_exists(args.out)
+        and (args.out.is_file() or any(args.out.iterdir()))
+    ):
+        raise UserError(
+            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
+        )
     if not args.resume and not args.overwrite and checkpoint_exists(args.out):
         raise UserError(
             f"{args.out} already holds a checkpoint; pass --resume to continue it "
@@ -232,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     data_path = args.data if args.data is not None else (saved["training"]["data"] if saved else None)
     text = read_text(data_path)
     if saved:  # NEW: the tokenizer comes with the checkpoint
-        tokenizer, source = load_tokenizer(args.out), saved["tokenizer"]["source"]
+        tokenizer, source = load_tokenizer(args.out), saved["tokenizer"].get("source", "saved")
     else:
         t0 = time.perf_counter()
         tokenizer, source = make_tokenizer(args.tokenizer, text, args.vocab_size)
@@ -255,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if step >= tc.max_iters:
             raise UserError(
                 f"the run in {args.out} already finished its {tc.max_iters} steps; "
-                "pass a larger --max-iters to train further"
+                "pass a larger --max-iters to train further (the cosine schedule is then stretched to it)"
             )
 
     print(
@@ -272,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "training": {
             "preset": preset,
-            "data": str(data_path) if data_path else None,
+            "data": str(Path(data_path).resolve()) if data_path else None,
             "train_config": asdict(tc),
             "device": device.type,
         },
@@ -340,9 +354,11 @@ def restore_run(ckpt_dir: Path, model: GPT, optimizer, batch_gen: torch.Generato
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
     metrics_file = find_checkpoint(ckpt_dir) / "metrics.jsonl"
-    metrics = (
-        [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
-    )
+    try:
+        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+        metrics = [json.loads(line) for line in lines]
+    except ValueError as e:
+        raise UserError(f"{metrics_file} is corrupt ({e}); cannot resume from it") from e
     return state["step"], metrics, state["elapsed_s"]
 
 
