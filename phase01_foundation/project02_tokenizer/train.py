@@ -56,9 +56,8 @@ class TrainConfig:
     warmup_iters: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
-    beta2: float = (
-        0.99  # a little below the usual 0.999: few tokens per step, so average over a shorter window
-    )
+    # beta2 a little below the usual 0.999: few tokens per step, so average over a shorter window
+    beta2: float = 0.99
     grad_clip: float = 1.0
     eval_interval: int = 250  # evaluate and checkpoint every this many steps
     eval_iters: int = 200  # batches per loss estimate

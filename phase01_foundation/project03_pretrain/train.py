@@ -1,0 +1,462 @@
+"""Pre-train GPT-2 small (124M) on GPT-2 tokens, on one GPU or many.
+
+python train.py --preset tiny --data input.txt   # seconds on a CPU
+python prepare.py && python train.py             # WikiText-103 shards, GPT-2 124M, one GPU
+torchrun --standalone --nproc_per_node=8 train.py --compile   # 8 GPUs (see distributed.py)
+python train.py --resume                         # continue the run in --out exactly where it stopped
+"""
+
+import contextlib
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import distributed
+from checkpoint import (
+    DEFAULT_DIR,
+    checkpoint_exists,
+    find_checkpoint,
+    load_train_state,
+    load_weights,
+    read_config,
+    save_checkpoint,
+)
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_device_args,
+    autocast,
+    command,
+    exits_cleanly,
+    non_negative_int,
+    pick_dtype,
+    positive_float,
+    positive_int,
+    seed_everything,
+    sync,
+)
+from data import make_loaders
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # micro-batch: sequences per forward/backward on one device
+    total_batch_tokens: int = 524_288  # NEW: tokens per optimizer step (2**19, GPT-3 small's ~0.5M)
+    max_iters: int = 1000
+    lr: float = 6e-4  # GPT-3 paper's value for the 125M model
+    min_lr: float = 6e-5
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_iters: int = 20
+    seed: int = 1337
+
+
+PRESETS = {
+    # GPT-2 small: 1000 steps x 524,288 tokens = 524M tokens, about 4.5 epochs of WikiText-103.
+    "gpt2": (GPTConfig(), TrainConfig()),
+    # Sized for a CPU: 7.2M parameters, 6.4M of them the 50,304-row embedding.
+    "cpu": (
+        GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
+        TrainConfig(
+            batch_size=16,
+            total_batch_tokens=4096,
+            max_iters=300,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_iters=30,
+            eval_interval=100,
+            eval_iters=20,
+        ),
+    ),
+    # Seconds anywhere; two micro-batches per step, so gradient accumulation is exercised too.
+    "tiny": (
+        GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        TrainConfig(
+            batch_size=4,
+            total_batch_tokens=256,
+            max_iters=40,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_iters=5,
+            eval_interval=20,
+            eval_iters=4,
+        ),
+    ),
+}
+DEFAULT_PRESET = "gpt2"
+
+# Dense bf16 peak FLOP/s of common GPUs, from their data sheets, for model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up (large early updates from random weights are unstable), then cosine decay to min_lr."""
+    if step < tc.warmup_iters:
+        return tc.lr * (step + 1) / (tc.warmup_iters + 1)
+    progress = min(1.0, (step - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
+    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def grad_accum_steps(tc: TrainConfig, block_size: int, world_size: int) -> int:
+    """NEW: micro-batches per optimizer step, so that every step sees total_batch_tokens tokens whatever
+    fits in one device's memory and however many devices there are."""
+    per_micro = tc.batch_size * block_size * world_size
+    if tc.total_batch_tokens % per_micro:
+        raise UserError(
+            f"--total-batch-tokens {tc.total_batch_tokens} is not a multiple of batch size x context "
+            f"x processes = {per_micro}"
+        )
+    return tc.total_batch_tokens // per_micro
+
+
+def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (matmul weights and embeddings) only: decaying biases and
+    LayerNorm gains only pulls them from their useful values without regularising anything."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head weight appears once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
+
+
+def train_step(model, optimizer, loader, accum: int, lr: float, tc: TrainConfig, device, dtype, d) -> tuple:
+    """One optimizer step over `accum` micro-batches. Returns (mean loss, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        # NEW: gradients add up over micro-batches; DDP need only all-reduce them after the last one.
+        last = micro == accum - 1
+        no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        with no_sync:  # forward and backward both inside: DDP decides in forward whether backward syncs
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            (loss / accum).backward()  # the mean over all micro-batches, not their sum
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    return distributed.mean_across_ranks(total / accum, d).item(), grad_norm.item()
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, make_val_loader, tc: TrainConfig, device, dtype, d) -> float:
+    """Mean validation loss over the same batches every time (a fresh loader), over all ranks: eval_iters
+    batches, or fewer if the validation data runs out first (a batch is never counted twice)."""
+    model.eval()
+    loader, total, n = make_val_loader(), torch.zeros((), device=device), 0
+    while n < tc.eval_iters and loader.epoch == 0:  # ranks advance together, so they stop together
+        x, y = loader.next_batch()
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total, n = total + loss, n + 1
+    model.train()
+    return distributed.mean_across_ranks(total / n, d).item()
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """NEW: training FLOPs per token: 6 per parameter (2 forward, 4 backward) plus attention's 12 * layers *
+    width * context (PaLM, appendix B). Used for model FLOPs utilisation."""
+    head = config.n_embd // config.n_head
+    n = 12 * config.n_layer * config.n_embd**2 + config.padded_vocab_size * config.n_embd  # matmul weights
+    return 6 * n + 12 * config.n_layer * config.n_head * head * config.block_size
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def plot_losses(metrics: list[dict]) -> bytes:
+    """The loss curve as PNG bytes: every training step, and the periodic validation estimates."""
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.add_subplot()
+    steps = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "val_loss" in m]
+    ax.plot([m["step"] for m in steps], [m["loss"] for m in steps], lw=0.6, alpha=0.5, label="train (step)")
+    ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="Pre-train project 03's GPT-2 on GPT-2 tokens (one process or torchrun).")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help=f"model and training sizes (default: {DEFAULT_PRESET}; tiny runs in seconds on a CPU)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a UTF-8 text file, or a folder of shards from prepare.py (default: data/wikitext)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_DIR, help=f"checkpoint directory (default: {DEFAULT_DIR})"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    add_device_args(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; first steps slower)")
+    p.add_argument(
+        "--attention",
+        choices=["sdpa", "explicit"],
+        default="sdpa",
+        help="fused scaled_dot_product_attention (default) or project 01's written-out version",
+    )
+    p.add_argument("--peak-flops", type=positive_float, default=None, help="device peak FLOP/s for MFU")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: 1337)")
+    p.add_argument("--max-iters", type=positive_int, default=None, help="total optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="micro-batch size per device")
+    p.add_argument("--total-batch-tokens", type=positive_int, default=None, help="tokens per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
+    p.add_argument(
+        "--eval-interval", type=positive_int, default=None, help="evaluate and checkpoint every N steps"
+    )
+    p.add_argument("--eval-iters", type=positive_int, default=None, help="batches per loss estimate")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
+    return args
+
+
+def resolve_configs(args, saved: dict | None) -> tuple[str, GPTConfig, TrainConfig]:
+    """Preset, then what a resumed checkpoint recorded, then explicit flags: later wins."""
+    preset = saved["training"]["preset"] if saved else args.preset or DEFAULT_PRESET
+    if saved and args.preset not in (None, preset):
+        raise UserError(f"the run in {args.out} uses the {preset} preset; --resume cannot change it")
+    mc, tc = PRESETS[preset]
+    if saved:
+        mc = GPTConfig(**saved["model"])
+        tc = TrainConfig(**saved["training"]["train_config"])
+    flags = {
+        "seed": args.seed,
+        "max_iters": args.max_iters,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "total_batch_tokens": args.total_batch_tokens,
+        "eval_interval": args.eval_interval,
+        "eval_iters": args.eval_iters,
+    }
+    tc = replace(tc, **{k: v for k, v in flags.items() if v is not None})
+    return preset, replace(mc, flash=args.attention == "sdpa"), tc
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    d, device = distributed.setup(args.device)
+    try:
+        return train(args, d, device)
+    finally:
+        distributed.cleanup(d)
+
+
+def train(args, d: distributed.Dist, device: torch.device) -> int:
+    if (
+        args.out.exists()
+        and not checkpoint_exists(args.out)
+        and (args.out.is_file() or any(args.out.iterdir()))
+    ):
+        raise UserError(
+            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
+        )
+    saved = read_config(args.out) if args.resume else None
+    if not args.resume and not args.overwrite and checkpoint_exists(args.out):
+        raise UserError(
+            f"{args.out} already holds a checkpoint; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    preset, mc, tc = resolve_configs(args, saved)
+    accum = grad_accum_steps(tc, mc.block_size, d.world_size)
+    dtype = pick_dtype(args.dtype, device)
+
+    # Everything the user gave us is checked before anything is written.
+    data_arg = args.data if args.data is not None else (saved["training"]["data"] if saved else None)
+    train_loader, make_val_loader, data_desc = make_loaders(data_arg, tc.batch_size, mc.block_size, d)
+
+    seed_everything(tc.seed + d.rank)
+    raw_model = GPT(mc).to(device)
+    optimizer = make_optimizer(raw_model, tc, device)
+    step, metrics, elapsed = 0, [], 0.0
+    if saved:
+        step, metrics, elapsed = restore_run(args.out, raw_model, optimizer, train_loader, d)
+        if step >= tc.max_iters:
+            raise UserError(
+                f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
+                "--max-iters to train further (the cosine schedule is then stretched to it)"
+            )
+    model = (
+        torch.compile(raw_model) if args.compile else raw_model
+    )  # NEW: fuses kernels, cuts Python overhead
+    if d.enabled:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    tokens_per_step = tc.total_batch_tokens
+    fpt, peak = flops_per_token(mc), peak_flops(device, args.peak_flops)
+    if d.is_main:
+        print(
+            f"{preset} preset: {raw_model.num_params() / 1e6:.2f}M parameters; {data_desc}; "
+            f"{d.world_size} process(es) x {accum} micro-batch(es) of {tc.batch_size} x {mc.block_size} "
+            f"= {tokens_per_step:,} tokens/step; {device.type} {str(dtype).removeprefix('torch.')}"
+        )
+    meta = {
+        "tokenizer": {"type": "tiktoken", "name": "gpt2"},
+        "training": {
+            "preset": preset,
+            "data": data_arg and str(Path(data_arg).resolve()),
+            "train_config": asdict(tc),
+            "device": device.type,
+            "world_size": d.world_size,
+        },
+    }
+    warn_cpu = device.type == "cpu" and args.preset is None and not saved and d.is_main
+    bar = tqdm(
+        total=tc.max_iters,
+        initial=step,
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not d.is_main,
+    )
+    start = time.perf_counter() - elapsed
+    try:
+        while step < tc.max_iters:
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            loss, grad_norm = train_step(model, optimizer, train_loader, accum, lr, tc, device, dtype, d)
+            sync(device)
+            step += 1
+            dt = time.perf_counter() - t0
+            metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+            postfix = {
+                "loss": f"{loss:.4f}",
+                "lr": f"{lr:.2e}",
+                "norm": f"{grad_norm:.2f}",
+                "tok_s": f"{tokens_per_step / dt:,.0f}",
+            }
+            if peak:  # NEW: model FLOPs utilisation: achieved FLOP/s over what the hardware could do
+                postfix["mfu"] = f"{100 * fpt * tokens_per_step / dt / (peak * d.world_size):.1f}%"
+            bar.set_postfix(postfix)
+            bar.update()
+            if warn_cpu and step == 3:
+                warn_slow_cpu(bar, dt, tc.max_iters - step)
+            if step % tc.eval_interval == 0 or step == tc.max_iters:
+                val = estimate_loss(model, make_val_loader, tc, device, dtype, d)
+                metrics.append({"step": step, "val_loss": val, "val_ppl": math.exp(val)})
+                bar.write(
+                    f"step {step}: train loss {loss:.4f}, val loss {val:.4f}, "
+                    f"val perplexity {math.exp(val):.2f}"
+                )
+                meta["training"].update(step=step, train_loss=loss, val_loss=val)
+                save_run(
+                    args.out,
+                    raw_model,
+                    optimizer,
+                    train_loader,
+                    meta,
+                    metrics,
+                    time.perf_counter() - start,
+                    d,
+                )
+    except KeyboardInterrupt:
+        bar.close()
+        if d.is_main:
+            print(f"interrupted at step {step}; the last checkpoint is in {args.out}; continue with --resume")
+        return 130
+    bar.close()
+    if d.is_main:
+        flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
+        print(
+            f"done: val loss {meta['training']['val_loss']:.4f} after {step} steps; "
+            f"checkpoint in {args.out}\n"
+            f"sample from it: {command('generate.py', *flags)}"
+        )
+    return 0
+
+
+def save_run(out: Path, model: GPT, optimizer, loader, meta, metrics, elapsed, d) -> None:
+    """Checkpoint everything the next step depends on: weights, optimizer moments, and every rank's data
+    position and RNG state. Only rank 0 writes; the gathers are collective, so every rank calls this."""
+    loader_states = distributed.gather(loader.state_dict(), d)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rng_states = distributed.gather(rng, d)  # each rank has its own dropout stream (seed + rank)
+    if not d.is_main:
+        return
+    meta["training"]["elapsed_s"] = round(elapsed, 1)
+    state = {
+        "step": metrics[-1]["step"],
+        "optimizer": optimizer.state_dict(),
+        "loaders": loader_states,
+        "rng": rng_states,
+        "elapsed_s": elapsed,
+    }
+    files = {
+        "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics).encode(),
+        "loss_curve.png": plot_losses(metrics),
+    }
+    save_checkpoint(out, model, meta, state, files)
+
+
+def restore_run(ckpt_dir: Path, model: GPT, optimizer, loader, d) -> tuple:
+    """The inverse of save_run: afterwards the next steps compute exactly what an uninterrupted run would."""
+    load_weights(model, ckpt_dir)
+    state = load_train_state(ckpt_dir)
+    if len(state["loaders"]) != d.world_size:
+        raise UserError(
+            f"the run in {ckpt_dir} used {len(state['loaders'])} process(es); resume it with as many"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loaders"][d.rank])
+    rng = state["rng"][d.rank]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    metrics_file = find_checkpoint(ckpt_dir) / "metrics.jsonl"
+    try:
+        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+        metrics = [json.loads(line) for line in lines]
+    except ValueError as e:
+        raise UserError(f"{metrics_file} is corrupt ({e}); cannot resume from it") from e
+    return state["step"], metrics, state["elapsed_s"]
+
+
+def warn_slow_cpu(bar: tqdm, seconds_per_step: float, steps_left: int) -> None:
+    seconds = seconds_per_step * steps_left
+    duration = f"{seconds / 3600:.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
+    bar.write(
+        f"warning: the {DEFAULT_PRESET} preset is sized for a GPU; on this CPU it will take about "
+        f"{duration} ({seconds_per_step:.2f} s/step measured). Use --preset tiny for a quick run."
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Project 03's training: data-parallel training on two CPU processes equals one process with the same global
+batch, gradient accumulation equals a larger batch, the FLOPs count behind MFU, GPT-2 weights through
+--init-from, and the benchmark's output. (HF interop: test_project03_hf.py; shards and prepare.py:
+test_project03_data.py; exact resume, checkpoints and bad input: test_contract.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from conftest import load_project, run_main
+
+P = load_project("project03_pretrain")
+TINY = P.model.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def weights(ckpt):
+    model, _ = P.checkpoint.load_checkpoint(ckpt)
+    return model.state_dict()
+
+
+def test_two_processes_with_ddp_equal_one_process(corpus_file, tiktoken_cache, tmp_path):
+    """512 tokens a step: 4 micro-batches of 4 x 32 in one process, or 2 in each of two gloo processes
+    (torchrun), so DDP's no_sync path runs too. Same data, same averaged gradient, so the same weights."""
+    flags = ["--preset", "tiny", "--data", str(corpus_file), "--max-iters", "4", "--eval-interval", "4",
+             "--eval-iters", "1", "--device", "cpu", "--total-batch-tokens", "512"]  # fmt: skip
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tiktoken_cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(P.train.__file__), *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["training"]["world_size"] == 2
+    assert run_main(P.train, *flags, "--out", tmp_path / "single") == 0
+    ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(single["wpe.weight"], P.model.GPT(TINY).wpe.weight)  # it did train
+
+
+def test_gradient_accumulation_equals_a_larger_batch():
+    tokens = (
+        torch.randint(50257, (4096,), generator=torch.Generator().manual_seed(0)).numpy().astype("uint16")
+    )
+    tc = P.train.TrainConfig(batch_size=4, grad_clip=1e9)  # no clipping: compare raw updates
+
+    def one_step(batch_size, accum):
+        torch.manual_seed(0)
+        model = P.model.GPT(TINY)
+        opt = P.train.make_optimizer(model, tc, torch.device("cpu"))
+        loader = P.shards.ShardLoader.from_tokens(tokens, batch_size, TINY.block_size)
+        P.train.train_step(
+            model, opt, loader, accum, 1e-3, tc, torch.device("cpu"), torch.float32, P.distributed.Dist()
+        )
+        return model.state_dict()
+
+    big, accumulated = one_step(12, 1), one_step(4, 3)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_batch_must_divide_into_micro_batches():
+    tc = P.train.TrainConfig(batch_size=4, total_batch_tokens=1000)
+    with pytest.raises(P.cli.UserError, match="multiple"):
+        P.train.grad_accum_steps(tc, block_size=32, world_size=1)
+    assert P.train.grad_accum_steps(P.train.TrainConfig(), 1024, 8) == 4  # 524,288 / (16 x 1024 x 8)
+
+
+def test_flops_per_token_of_gpt2_small():
+    """6 FLOPs per matmul weight per token (forward 2, backward 4) plus attention: about 6 x 124M."""
+    config = P.model.GPTConfig()
+    matmul_weights = sum(
+        p.numel() for n, p in P.model.GPT(config).named_parameters() if p.dim() == 2 and "wpe" not in n
+    )
+    attention = 12 * config.n_layer * config.n_embd * config.block_size
+    assert P.train.flops_per_token(config) == 6 * matmul_weights + attention
+
+
+def test_generate_from_hugging_face_gpt2_weights(tmp_path, capsys):
+    """--init-from a local Hugging Face GPT-2 folder samples with those weights (greedy: deterministic)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    flags = ["--init-from", tmp_path / "hf", "--prompt", "Hello", "--max-new-tokens", 8, "--temperature", 0]
+    assert run_main(P.generate, *flags) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and len(out) > len("Hello")
+    rc = run_main(P.generate, "--init-from", tmp_path / "missing")
+    assert rc == 2 and "gpt2" in capsys.readouterr().err
+
+
+def test_benchmark_writes_the_results_schema(tmp_path, capsys):
+    rc = run_main(P.benchmark, "--preset", "tiny", "--variants", "fp32-explicit,fp32-sdpa", "--warmup", 1,
+                  "--repeats", 2, "--out", tmp_path)  # fmt: skip
+    assert rc == 0
+    (path,) = tmp_path.glob("*-tiny.json")
+    report = json.loads(path.read_text())
+    assert report["schema"] == 1 and report["project"] == "project03_pretrain"
+    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    assert rows[("tok_per_s", "fp32-sdpa")]["baseline"] == "fp32-explicit"
+    assert rows[("tok_per_s", "fp32-explicit")]["value"] > 0
+    assert rows[("mfu_percent", "fp32-sdpa")]["value"] is None  # no known peak FLOP/s for a CPU
+    assert run_main(P.benchmark, "--variants", "fp64-magic") == 2
+
+
+def test_validation_never_counts_a_batch_twice():
+    """With eval_iters larger than the validation data, the estimate is the mean over each batch once."""
+    tokens = (
+        torch.randint(50257, (3 * 2 * 32 + 1,), generator=torch.Generator().manual_seed(1))
+        .numpy()
+        .astype("uint16")
+    )
+    make_val = lambda: P.shards.ShardLoader.from_tokens(tokens, 2, TINY.block_size)  # noqa: E731 - 3 batches of 2
+    torch.manual_seed(0)
+    model = P.model.GPT(TINY).eval()
+    tc = P.train.TrainConfig(eval_iters=10)
+    got = P.train.estimate_loss(model, make_val, tc, torch.device("cpu"), torch.float32, P.distributed.Dist())
+    loader = make_val()
+    with torch.no_grad():
+        expected = sum(model(*loader.next_batch())[1].item() for _ in range(3)) / 3
+    assert got == pytest.approx(expected, rel=1e-6)
