@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECTS, load_project, run_main
+from conftest import PROJECTS, load_project, make_corpus, run_main
 
 SCRIPTS = ("train", "generate", "benchmark")
 
@@ -251,3 +251,15 @@ def test_resume_cannot_change_the_preset(project, trained, corpus_file, tmp_path
         load_project(project).train, "--resume", "--preset", "cpu", "--data", corpus_file, "--out", copy
     )
     assert "preset" in assert_one_line_error(capsys, rc)
+
+
+def test_resume_on_other_data_is_refused(project, trained, tmp_path, capsys):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus(seed=1))
+    before = digest(copy)
+    rc = run_main(
+        load_project(project).train, "--resume", "--max-iters", 1000, "--data", other, "--out", copy
+    )
+    assert "same data" in assert_one_line_error(capsys, rc)
+    assert digest(copy) == before

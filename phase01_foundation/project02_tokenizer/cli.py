@@ -41,7 +41,7 @@ def exits_cleanly(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever e holds
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

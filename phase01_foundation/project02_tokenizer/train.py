@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Everything the user gave us is checked before anything is written.
     data_path = args.data if args.data is not None else (saved["training"]["data"] if saved else None)
+    if saved and args.data is not None and str(Path(args.data).resolve()) != saved["training"]["data"]:
+        recorded = saved["training"]["data"] or "Tiny Shakespeare"
+        raise UserError(f"the run in {args.out} trained on {recorded}; --resume continues on the same data")
     text = read_text(data_path)
     if saved:  # NEW: the tokenizer comes with the checkpoint
         tokenizer, source = load_tokenizer(args.out), saved["tokenizer"].get("source", "saved")

@@ -24,6 +24,7 @@ from cli import (
     UserError,
     add_device_args,
     exits_cleanly,
+    non_negative_int,
     pick_device,
     positive_int,
     sync,
@@ -156,7 +157,7 @@ def parse_args(argv):
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="sequences per step (default: preset's)"
     )
-    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed steps; the median is reported")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")

@@ -113,7 +113,8 @@ def find_checkpoint(ckpt_dir: Path) -> Path:
         return old
     out = [] if ckpt_dir.resolve() == DEFAULT_DIR.resolve() else ["--out", str(ckpt_dir)]
     raise UserError(
-        f"no checkpoint at {ckpt_dir}; train one first: {command('train.py', '--preset', 'tiny', *out)}"
+        f"no checkpoint at {ckpt_dir}; train one first: "
+        f"{command('train.py', '--preset', 'tiny', '--data', 'FILE', *out)}"
     )
 
 

@@ -41,7 +41,8 @@ def exits_cleanly(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once, not once per process
+                print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever e holds
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

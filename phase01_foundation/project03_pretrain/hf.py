@@ -159,7 +159,13 @@ def load_hf_dir(path: str | Path) -> GPT:
     if not (path / "config.json").is_file() or not (st_file.is_file() or bin_file.is_file()):
         raise HFFormatError(f"{path}: expected config.json and model.safetensors (or pytorch_model.bin)")
     try:
-        config = config_from_hf(json.loads((path / "config.json").read_text()))
+        raw_config = json.loads((path / "config.json").read_text())
+        if "model_type" not in raw_config:  # e.g. one of this project's own checkpoints
+            raise HFFormatError(
+                f"{path} is not a Hugging Face GPT-2 folder (its config.json has no model_type); "
+                "for this project's checkpoints use --checkpoint"
+            )
+        config = config_from_hf(raw_config)
         if st_file.is_file():
             hf_sd = load_file(st_file)
         else:  # weights_only: a .bin is a pickle, and a full unpickle could run any code

@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one_document and args.data is None:
         raise UserError("--one-document applies to --data FILE only")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; shards go into a folder")
     if args.data is not None:
         name = args.data.stem
         out_dir = args.out or DATA_DIR / name

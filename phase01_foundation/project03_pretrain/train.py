@@ -293,6 +293,8 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
             f"{args.out} already holds a checkpoint; pass --resume to continue it "
             "or --overwrite to replace it"
         )
+    if saved:
+        check_resume(args, saved, d)
     preset, mc, tc = resolve_configs(args, saved)
     accum = grad_accum_steps(tc, mc.block_size, d.world_size)
     dtype = pick_dtype(args.dtype, device)
@@ -399,6 +401,20 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
             f"sample from it: {command('generate.py', *flags)}"
         )
     return 0
+
+
+def check_resume(args, saved: dict, d: distributed.Dist) -> None:
+    """A resumed run continues exactly only with the same number of processes and the same data."""
+    if saved["training"].get("world_size", 1) != d.world_size:
+        raise UserError(f"the run in {args.out} used {saved['training'].get('world_size', 1)} process(es); "
+                        f"resume it with as many (now {d.world_size})")  # fmt: skip
+    recorded = saved["training"].get("data")
+    if args.data is not None and str(Path(args.data).resolve()) != recorded:
+        raise UserError(f"the run in {args.out} trained on {recorded or 'data/wikitext'}; --resume continues "
+                        "on the same data (its saved position points into it)")  # fmt: skip
+    if args.data is None and recorded and not Path(recorded).exists():
+        raise UserError(f"the run's data {recorded} (recorded in its config.json) is gone; prepare it again "
+                        "at that path to resume")  # fmt: skip
 
 
 def save_run(out: Path, model: GPT, optimizer, loader, meta, metrics, elapsed, d) -> None:
