@@ -123,7 +123,9 @@ def test_validation_never_counts_a_batch_twice():
     assert got == pytest.approx(expected, rel=1e-6)
 
 
-def test_resume_needs_the_same_number_of_processes(corpus_file, tmp_path, capsys):
+@pytest.fixture
+def short_run(corpus_file, tmp_path, capsys):
+    """A checkpoint from a 2-step tiny run, for the error-path tests below."""
     flags = [
         "--preset",
         "tiny",
@@ -137,35 +139,23 @@ def test_resume_needs_the_same_number_of_processes(corpus_file, tmp_path, capsys
         1,
     ]
     assert run_main(P.train, *flags, "--out", tmp_path / "ck") == 0
-    config_file = tmp_path / "ck" / "config.json"
+    capsys.readouterr()
+    return tmp_path / "ck"
+
+
+def test_resume_needs_the_same_number_of_processes(short_run, capsys):
+    config_file = short_run / "config.json"
     config = json.loads(config_file.read_text())
     config["training"]["world_size"] = 2  # as if it had been trained by two torchrun processes
     config_file.write_text(json.dumps(config))
-    capsys.readouterr()
-    assert run_main(P.train, "--resume", "--max-iters", 4, "--out", tmp_path / "ck") == 2
+    assert run_main(P.train, "--resume", "--max-iters", 4, "--out", short_run) == 2
     assert "2 process(es)" in capsys.readouterr().err
 
 
-def test_user_mistakes_in_prepare_and_init_from(corpus_file, tmp_path, capsys):
+def test_user_mistakes_in_prepare_and_init_from(short_run, corpus_file, tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
     assert run_main(P.prepare, "--data", corpus_file, "--out", a_file) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
-    flags = [
-        "--preset",
-        "tiny",
-        "--data",
-        corpus_file,
-        "--max-iters",
-        1,
-        "--eval-interval",
-        1,
-        "--eval-iters",
-        1,
-    ]
-    assert run_main(P.train, *flags, "--out", tmp_path / "ck") == 0
-    capsys.readouterr()
-    assert (
-        run_main(P.generate, "--init-from", tmp_path / "ck") == 2
-    )  # our checkpoint, not a Hugging Face folder
+    assert run_main(P.generate, "--init-from", short_run) == 2  # our checkpoint, not a Hugging Face folder
     assert "--checkpoint" in capsys.readouterr().err
