@@ -8,6 +8,7 @@ placed in a temporary tiktoken cache so that tiktoken.get_encoding("gpt2") needs
 import importlib.util
 import json
 import random
+import shutil
 import sys
 import tracemalloc
 from collections import Counter
@@ -564,3 +565,13 @@ def test_vocab_size_below_the_byte_alphabet_is_refused(corpus_file, tmp_path, ca
     )
     err = capsys.readouterr().err
     assert rc == 2 and "--vocab-size" in err and err.count("\n") == 1
+
+
+def test_tokenizer_that_does_not_match_the_weights_is_refused(multilingual_checkpoint, tmp_path, capsys):
+    ckpt, data = multilingual_checkpoint
+    copy = shutil.copytree(ckpt, tmp_path / "ckpt")
+    vocab, merges = P.tokenizer.train_bpe_from_text(data.read_text(encoding="utf-8"), 280, [EOT])
+    P.tokenizer.Tokenizer(vocab, merges, [EOT]).save(copy / "tokenizer.json")  # 280 tokens, weights have 300
+    assert run_main(P.generate, "--checkpoint", copy) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and err.count("\n") == 1

@@ -27,6 +27,7 @@ from cli import (
     add_device_args,
     autocast,
     exits_cleanly,
+    non_negative_int,
     pick_device,
     pick_dtype,
     positive_int,
@@ -198,7 +199,7 @@ def parse_args(argv):
         "--data", type=Path, default=None, help="text for the val loss (default: the checkpoint's)"
     )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")
-    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed steps; the median is reported")
     p.add_argument("--gen-tokens", type=positive_int, default=200, help="tokens generated per timing")
     p.add_argument("--seed", type=int, default=1337)

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if config.get("tokenizer", {}).get("type") != "bpe":
         raise UserError(f"{args.checkpoint} was not trained with this project's BPE tokenizer")
     tokenizer = load_tokenizer(args.checkpoint)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(f"checkpoint {args.checkpoint} is corrupt: its tokenizer does not match its weights")
     amp = autocast(device, pick_dtype(args.dtype, device))
     gen = torch.Generator(device=device).manual_seed(args.seed)  # same seed, same samples
     block_size = model.config.block_size
