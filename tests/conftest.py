@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import json
 import random
 import shutil
 import sys
@@ -84,10 +85,85 @@ def make_corpus(n_speeches: int = 400, seed: int = 0) -> str:
     rng = random.Random(seed)
     speeches = []
     for _ in range(n_speeches):
-        lines = [" ".join(rng.choices(_WORDS, k=rng.randint(4, 9))).capitalize() + rng.choice(",.!?;:")
-                 for _ in range(rng.randint(1, 3))]  # fmt: skip
+        lines = [
+            " ".join(rng.choices(_WORDS, k=rng.randint(4, 9))).capitalize() + rng.choice(",.!?;:")
+            for _ in range(rng.randint(1, 3))
+        ]
         speeches.append(f"{rng.choice(_NAMES)}:\n" + "\n".join(lines) + "\n")
     return "\n".join(speeches)
+
+
+def make_instructions(n: int = 240, seed: int = 0) -> list[dict]:
+    """Alpaca-format records (instruction, input, output) with answers a tiny model can start to learn:
+    repeat a word, spell it, or say which of two words is longer."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        word, other = rng.sample(_WORDS, 2)
+        kind = rng.randrange(3)
+        if kind == 0:
+            k = rng.randint(2, 4)
+            records.append(
+                {
+                    "instruction": f"Repeat the word {k} times.",
+                    "input": word,
+                    "output": " ".join([word] * k) + ".",
+                }
+            )
+        elif kind == 1:
+            records.append(
+                {
+                    "instruction": f"Spell the word '{word}'.",
+                    "input": "",
+                    "output": "-".join(word.upper()) + ".",
+                }
+            )
+        else:
+            longer = max(word, other, key=len)
+            records.append(
+                {
+                    "instruction": "Which of the two words is longer?",
+                    "input": f"{word}, {other}",
+                    "output": f"The longer word is '{longer}'.",
+                }
+            )
+    return records
+
+
+def make_preferences(n: int = 240, seed: int = 0) -> list[dict]:
+    """Instruction records with a chosen (correct, polite) and a rejected (wrong, rude) response."""
+    rng = random.Random(seed + 1)
+    records = []
+    for r in make_instructions(n, seed):
+        wrong = " ".join(rng.choices(_WORDS, k=3))
+        records.append({**r, "chosen": r["output"], "rejected": f"No. Figure it out yourself: {wrong}!"})
+    return records
+
+
+DATA_KINDS = {
+    "project04_sft": "instructions",
+    "project05_lora": "instructions",
+    "project06_dpo": "preferences",
+}
+
+
+def data_kind(project: Path) -> str:
+    """What a project's train.py reads with --data: "text" (pre-training, the default), "instructions"
+    (fine-tuning) or "preferences" (DPO)."""
+    return DATA_KINDS.get(project.name, "text")
+
+
+def write_training_data(project: Path, path: Path, seed: int = 0) -> Path:
+    """A small training file of the kind `project` reads, at `path` (a .txt or .json suffix is added)."""
+    kind = data_kind(project)
+    if kind == "text":
+        path = path.with_suffix(".txt")
+        path.write_text(make_corpus(seed=seed), encoding="utf-8")
+    else:
+        path = path.with_suffix(".json")
+        records = make_instructions(seed=seed) if kind == "instructions" else make_preferences(seed=seed)
+        path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

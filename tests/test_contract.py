@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECTS, load_project, make_corpus, run_main
+from conftest import PROJECTS, load_project, run_main, write_training_data
 
 SCRIPTS = ("train", "generate", "benchmark")
 
@@ -20,6 +20,12 @@ SCRIPTS = ("train", "generate", "benchmark")
 @pytest.fixture(scope="session", params=PROJECTS, ids=[p.name for p in PROJECTS])
 def project(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def corpus_file(project, tmp_path_factory) -> Path:
+    """Training data of the kind this project reads: text, instruction records or preference pairs."""
+    return write_training_data(project, tmp_path_factory.mktemp(project.name) / "train")
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +46,11 @@ def assert_one_line_error(capsys, rc: int) -> str:
     return lines[0]
 
 
+def weights_file(ckpt: Path) -> str:
+    """model.safetensors, or for projects that save only what they trained (LoRA), adapter.safetensors."""
+    return "adapter.safetensors" if (ckpt / "adapter.safetensors").exists() else "model.safetensors"
+
+
 def digest(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
 
@@ -53,7 +64,7 @@ def test_script_answers_help(project, script, capsys):
 
 
 def test_training_writes_a_complete_checkpoint(trained):
-    for name in ("model.safetensors", "config.json", "train_state.pt", "metrics.jsonl", "loss_curve.png"):
+    for name in (weights_file(trained), "config.json", "train_state.pt", "metrics.jsonl", "loss_curve.png"):
         assert (trained / name).is_file(), name
     assert (trained / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
 
@@ -149,9 +160,10 @@ def test_missing_checkpoint(project, tmp_path, capsys):
     assert "train.py" in line  # says what to run first
 
 
-@pytest.mark.parametrize("broken", ["model.safetensors", "config.json"])
+@pytest.mark.parametrize("broken", ["weights", "config.json"])
 def test_corrupt_checkpoint(project, trained, tmp_path, capsys, broken):
     copy = shutil.copytree(trained, tmp_path / "ckpt")
+    broken = weights_file(copy) if broken == "weights" else broken
     data = (copy / broken).read_bytes()
     (copy / broken).write_bytes(data[: len(data) // 2])  # a torn write
     rc = run_main(load_project(project).generate, "--checkpoint", copy)
@@ -255,8 +267,7 @@ def test_resume_cannot_change_the_preset(project, trained, corpus_file, tmp_path
 
 def test_resume_on_other_data_is_refused(project, trained, tmp_path, capsys):
     copy = shutil.copytree(trained, tmp_path / "ckpt")
-    other = tmp_path / "other.txt"
-    other.write_text(make_corpus(seed=1))
+    other = write_training_data(project, tmp_path / "other", seed=1)
     before = digest(copy)
     rc = run_main(
         load_project(project).train, "--resume", "--max-iters", 1000, "--data", other, "--out", copy

@@ -1,0 +1,251 @@
+"""GPT-2 in one file: embeddings, causal self-attention, MLP, blocks, and sampling. The defaults are GPT-2
+small (124M parameters); attention runs through PyTorch's fused scaled_dot_product_attention. New for
+fine-tuning: targets of -100 are left out of the loss, and packed rows (several examples in one row) get
+per-example positions and attention.
+
+Shapes in comments: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = head size (C // nh),
+V = vocab_size.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    block_size: int = 1024  # the context: the most tokens the model sees at once
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    flash: bool = True  # NEW: fused attention (F.scaled_dot_product_attention); False = written out
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """NEW: the embedding and output matrices get a multiple of 64 rows (50257 -> 50304): matmuls on
+        such shapes map onto GPU tiles without a ragged remainder. The extra rows are never predicted."""
+        return -(-self.vocab_size // 64) * 64
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where position t only looks at positions <= t."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.flash = config.flash
+        if not self.flash:
+            # True above the diagonal = the future, which a token may not see. A buffer follows .to(device);
+            # not persistent, so it is rebuilt from block_size and never stored in a checkpoint.
+            mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), diagonal=1)
+            self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None for plain causal attention, or (B, 1, T, T) bool, True where a query may attend."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        # Split C into heads: each head attends on its own hs-wide slice.
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.flash:  # NEW: one fused kernel; it never materialises the (T, T) score matrix on GPUs
+            dropout = self.attn_dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
+            )  # (B, nh, T, hs)
+        else:
+            y = self._explicit_attention(q, k, v, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+    def _explicit_attention(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs) + causal mask) v, step by step, as in project 01."""
+        T = q.size(-2)
+        # Scores: how much each query matches each key. Dividing by sqrt(hs) keeps their variance near 1, so
+        # the softmax does not saturate as heads get wider.
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
+        hidden = self.causal_mask[:T, :T] if mask is None else ~mask
+        scores = scores.masked_fill(hidden, float("-inf"))
+        weights = F.softmax(scores, dim=-1)  # each row sums to 1 over the visible past
+        weights = self.attn_dropout(weights)
+        return weights @ v  # (B, nh, T, hs): a weighted sum of the values
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 used the tanh approximation of GELU; keeping it makes GPT-2 weights load exactly later on.
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Normalising the branch input, not the residual stream, leaves a clean identity path from the
+        # embeddings to the output: gradients reach early layers undiminished, so deep stacks train stably.
+        x = x + self.attn(self.ln_1(x), mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying: reading a token in and writing it out use one matrix. Fewer parameters, and each
+        # embedding row is trained by both ends (Press & Wolf, 2017).
+        self.lm_head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each block adds two residual branches, so shrinking their output projections
+        # by 1/sqrt(2 * n_layer) keeps the residual stream's variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. Position embeddings are left out by default, as in the scaling-law papers
+        (the token embedding is shared with lm_head, so it counts once and stays in)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss over
+        the targets that are not -100 (fine-tuning sets prompt and padding targets to -100).
+        segments: (B, T) example numbers of packed rows (data.pack_batch), or None."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        if segments is None:
+            pos, mask = torch.arange(T, device=idx.device), None  # (T,): broadcast over the batch
+        else:
+            pos, mask = packed_positions_and_mask(segments)  # (B, T), (B, 1, T, T)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V): padding dropped
+        loss = None
+        if targets is not None:
+            # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
+            # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
+            # NEW: prompt and padding targets are -100: ignore_index leaves them out of the sum and the mean.
+            flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+            loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield one new token per step, (B, 1) each. Without a KV cache every step reruns the whole window;
+        project 08 removes that cost."""
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size :]  # past the context, slide: keep the newest tokens
+            logits, _ = self(window)
+            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+            yield next_id
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """idx: (B, T) prompt. Returns (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
+        new = list(self.generate_stream(idx, max_new_tokens, **sampling))
+        return torch.cat([idx, *new], dim=1)
+
+
+def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NEW: for rows holding several examples (segments (B, T): 0, 0, 0, 1, 1, 2, ...), each token's position
+    within its own example, and the attention mask that keeps it inside that example: causal and same
+    segment. With both, a packed example's logits equal those it gets alone in a row."""
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): True where an example begins
+    first = torch.cummax(torch.where(starts, t, 0), dim=1).values  # (B, T): where my example began
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return t - first, (same & causal).unsqueeze(1)  # positions (B, T), mask (B, 1, T, T)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from logits (B, V). Returns (B, 1).
+
+    temperature 0 is greedy; below 1 sharpens the distribution, above 1 flattens it.
+    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability reaches p
+    ("nucleus sampling", Holtzman et al. 2019). Both may be combined; top-k is applied first.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        logits = _nucleus_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the smallest most-likely set with total probability >= top_p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = F.softmax(sorted_logits, dim=-1)  # (B, V), most likely first
+    # Drop a token when the tokens more likely than it already reach top_p. The most likely token always
+    # survives, so the set is never empty.
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
