@@ -1,10 +1,10 @@
-"""Ask a LoRA-fine-tuned model to follow an instruction; it answers until it emits <|endoftext|>.
+"""Ask the DPO-aligned model to follow an instruction; it answers until it emits <|endoftext|>.
 
-The checkpoint holds only the adapter; it is loaded onto the base model it records (or --base), and runs as
-base + adapter, or with --merge folded into the base weights first (the same outputs, no extra matmuls).
+The checkpoint holds the whole model, or after `train.py --lora` only the adapter: that is loaded onto the
+model it records (or --base) and runs as base + adapter, or with --merge folded into the weights first.
 
 python generate.py --instruction "Name three primary colors."
-python generate.py --merge --instruction "Name three primary colors."   # adapter merged into W
+python generate.py --merge --instruction "Name three primary colors."   # a --lora run, merged into W
 python generate.py --instruction "Translate to French." --input "Good morning"
 python generate.py --interactive                      # a chat: earlier turns stay in the context
 python generate.py --prompt "Once upon a time"        # plain continuation, no template
@@ -40,7 +40,9 @@ DEFAULT_INSTRUCTION = "Give three tips for staying healthy."
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Answer instructions with a LoRA adapter (project 05) on its base model.")
+    p = ArgumentParser(
+        description="Answer instructions with a DPO checkpoint (project 06), whole or an adapter."
+    )
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"(default: {DEFAULT_DIR})")
     p.add_argument(
         "--base",

@@ -1,8 +1,8 @@
-"""Fold a LoRA adapter into its base model and save the result as an ordinary checkpoint: W + (alpha/r) B A
-in every adapted layer. The merged model runs at the base model's speed and loads anywhere a full checkpoint
-does (project 06 starts from it with --init-from).
+"""Fold a LoRA adapter (from `train.py --lora`) into its base model and save the result as an ordinary
+checkpoint: W + (alpha/r) B A in every adapted layer, at the base model's speed, loadable anywhere a full
+checkpoint is.
 
-python merge.py                                    # data/models/project05_lora -> ..._merged
+python merge.py                                    # data/models/project06_dpo -> ..._merged
 python merge.py --checkpoint /tmp/lora --out /tmp/lora-merged
 """
 
