@@ -259,34 +259,51 @@ def pack_batch(rows: list[list[Example]]) -> dict[str, torch.Tensor]:
     return {"x": x, "y": y, "segments": segments}
 
 
-class SFTLoader:
-    """Batches of examples in a shuffled order that changes every epoch: batch_size rows, each one example
-    (padded) or, with pack=True, as many whole examples as fit in block_size tokens. The position in the
-    data is two integers, so a resumed run reads exactly the batches it would have read."""
+class ShuffledLoader:
+    """Items in a shuffled order that changes every epoch. The order is a function of (seed, epoch) only, so
+    the position in the data is two integers: a resumed run reads exactly the batches it would have read."""
 
-    def __init__(self, examples: list[Example], batch_size: int, block_size: int, pack: bool, seed: int):
-        self.examples, self.batch_size, self.block_size = examples, batch_size, block_size
-        self.pack, self.seed = pack, seed
+    def __init__(self, items: list, batch_size: int, seed: int):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
         self.epoch, self.pos = 0, 0
         self._order = self._order_for(0)
 
     def _order_for(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)  # a function of (seed, epoch) only
+        order = list(range(len(self.items)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def _take(self) -> Example:
-        if self.pos == len(self._order):
+    def _take_index(self) -> int:
+        if self.pos == len(self._order):  # end of an epoch: a fresh order
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._order_for(self.epoch)
         self.pos += 1
-        return self.examples[self._order[self.pos - 1]]
+        return self._order[self.pos - 1]
 
-    def _peek(self) -> Example:
-        """The example _take() returns next, without taking it."""
+    def _take(self):
+        return self.items[self._take_index()]
+
+    def _peek(self):
+        """The item _take() returns next, without taking it."""
         if self.pos < len(self._order):
-            return self.examples[self._order[self.pos]]
-        return self.examples[self._order_for(self.epoch + 1)[0]]
+            return self.items[self._order[self.pos]]
+        return self.items[self._order_for(self.epoch + 1)[0]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._order_for(self.epoch)
+
+
+class SFTLoader(ShuffledLoader):
+    """Batches of examples: batch_size rows, each one example (padded) or, with pack=True, as many whole
+    examples as fit in block_size tokens."""
+
+    def __init__(self, examples: list[Example], batch_size: int, block_size: int, pack: bool, seed: int):
+        super().__init__(examples, batch_size, seed)
+        self.block_size, self.pack = block_size, pack
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self.pack:
@@ -300,13 +317,6 @@ class SFTLoader:
                 used += len(row[-1].ids) - 1
             rows.append(row)
         return pack_batch(rows)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._order_for(self.epoch)
 
 
 def eval_batches(examples: list[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:

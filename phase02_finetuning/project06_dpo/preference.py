@@ -8,14 +8,22 @@
 A batch of B pairs is one padded tensor of 2B rows, chosen rows first, so one forward pass scores both.
 """
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cli import UserError
-from data import DATA_DIR, Example, check_records, download_records, encode_example, pad_batch, read_records
+from data import (
+    DATA_DIR,
+    Example,
+    ShuffledLoader,
+    check_records,
+    download_records,
+    encode_example,
+    pad_batch,
+    read_records,
+)
 
 ORCA_DATASET = "Intel/orca_dpo_pairs"  # 12,859 pairs: GPT-4 answers (chosen) vs Llama-2-13B-chat (rejected)
 ORCA_FILE = DATA_DIR / "orca_dpo_pairs" / "orca_dpo_pairs.json"
@@ -119,36 +127,12 @@ def pair_batch(pairs: list[PairExample], index: list[int] | None = None) -> dict
     return batch
 
 
-class PairLoader:
-    """Batches of pairs in a shuffled order that changes every epoch. The order is a function of (seed,
-    epoch) only, so (epoch, pos) is the whole position in the data: a resumed run reads the same batches."""
-
-    def __init__(self, pairs: list[PairExample], batch_size: int, seed: int):
-        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
-        self.epoch, self.pos = 0, 0
-        self._order = self._order_for(0)
-
-    def _order_for(self, epoch: int) -> list[int]:
-        order = list(range(len(self.pairs)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+class PairLoader(ShuffledLoader):
+    """Batches of pairs in a shuffled order that changes every epoch (data.ShuffledLoader: resumable)."""
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        index = []
-        for _ in range(self.batch_size):
-            if self.pos == len(self._order):  # end of an epoch: a fresh order
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._order_for(self.epoch)
-            index.append(self._order[self.pos])
-            self.pos += 1
-        return pair_batch([self.pairs[i] for i in index], index)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._order_for(self.epoch)
+        index = [self._take_index() for _ in range(self.batch_size)]
+        return pair_batch([self.items[i] for i in index], index)
 
 
 def eval_pair_batches(pairs: list[PairExample], batch_size: int) -> list[dict[str, torch.Tensor]]:
