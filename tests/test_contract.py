@@ -274,3 +274,25 @@ def test_resume_on_other_data_is_refused(project, trained, tmp_path, capsys):
     )
     assert "same data" in assert_one_line_error(capsys, rc)
     assert digest(copy) == before
+
+
+def test_benchmark_out_that_is_a_file_is_refused_before_measuring(project, tmp_path, capsys):
+    afile = tmp_path / "results.json"
+    afile.write_text("keep me")
+    rc = run_main(load_project(project).benchmark, "--out", afile)
+    assert "--out" in assert_one_line_error(capsys, rc)
+    assert afile.read_text() == "keep me"
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
+    project, corpus_file, tmp_path, monkeypatch, capsys
+):
+    P = load_project(project)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.train, "train_step", interrupted)
+    assert run_main(P.train, "--preset", "tiny", "--data", corpus_file, "--out", tmp_path / "run") == 130
+    assert "nothing was saved" in capsys.readouterr().out  # not "continue with --resume": there is nothing
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ import builtins
 import functools
 import json
 import random
+import shutil
 import sys
 from dataclasses import replace
 from types import SimpleNamespace
@@ -553,3 +554,21 @@ def test_benchmark_writes_the_results_schema(trained, tmp_path, capsys):
     assert rows[("peak_memory_mb", "padded")]["value"] is None  # measured on CUDA only, said so
     training = json.loads((trained / "config.json").read_text())["training"]
     assert tuned["value"] == pytest.approx(training["val_loss"], rel=1e-5)  # the same held-out tokens
+
+
+# --- review fixes ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", [["--lr", "0.1"], ["--batch-size", "2"], ["--seed", "3"], ["--pack"]])
+def test_resume_refuses_flags_that_would_change_the_run(trained, tmp_path, capsys, flag):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    rc = train_tiny("--resume", "--max-iters", 20, "--out", copy, *flag)
+    assert flag[0] in assert_one_line_error(capsys, rc)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--instruction", "  "], ["--interactive", "--prompt", "hi"], ["--interactive", "--input", "x"]]
+)
+def test_generate_refuses_input_it_would_ignore(random_ckpt, capsys, flags):
+    rc = generate("--checkpoint", random_ckpt, *flags)
+    assert flags[0] in assert_one_line_error(capsys, rc)

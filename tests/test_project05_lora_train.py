@@ -320,3 +320,34 @@ def test_benchmark_bad_ranks(tmp_path, capsys, ranks):
     rc = run_main(P.benchmark, "--preset", "tiny", "--data", data, "--ranks", ranks, "--out", tmp_path / "r")
     assert "--ranks" in assert_one_line_error(capsys, rc)
     assert not (tmp_path / "r").exists()
+
+
+# --- review fixes: nothing the user has is overwritten by accident; flags mean what they say ---------------
+
+
+def test_out_cannot_be_the_base_it_starts_from(data_file, tmp_path, capsys):
+    """An adapter saved over its own base would destroy the weights it is a correction to."""
+    base = save_gpt(tmp_path / "base")
+    before = digest(base)
+    rc = train_tiny("--data", data_file, "--init-from", base, "--out", base, "--overwrite", *ONE_STEP)
+    assert "the model this run starts from" in assert_one_line_error(capsys, rc)
+    assert digest(base) == before
+
+
+@pytest.mark.parametrize("value,ok", [("0", True), ("0.5", True), ("1", False), ("-0.1", False)])
+def test_lora_dropout_range_is_zero_to_one(data_file, tmp_path, capsys, value, ok):
+    rc = train_tiny("--data", data_file, "--out", tmp_path / "o", "--lora-dropout", value, *ONE_STEP)
+    if ok:
+        assert rc == 0
+        assert json.loads((tmp_path / "o" / "config.json").read_text())["lora"]["dropout"] == float(value)
+    else:
+        assert "--lora-dropout" in assert_one_line_error(capsys, rc)
+
+
+def test_merge_from_inside_the_checkpoint_and_into_an_empty_folder(run, tmp_path, monkeypatch):
+    adapter = shutil.copytree(run["out"], tmp_path / "adapter")
+    monkeypatch.chdir(adapter)
+    assert run_main(P.merge, "--checkpoint", ".") == 0  # default --out: a sibling named <checkpoint>_merged
+    assert (tmp_path / "adapter_merged" / "model.safetensors").is_file()
+    (tmp_path / "empty").mkdir()
+    assert run_main(P.merge, "--checkpoint", adapter, "--out", tmp_path / "empty") == 0

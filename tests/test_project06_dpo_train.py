@@ -290,7 +290,7 @@ def test_auto_without_a_project04_checkpoint_falls_back_to_scratch(data_file, tm
     rc = train_tiny("--data", data_file, "--out", tmp_path / "out", "--init-from", "auto", "--max-iters", 1)
     assert rc == 0
     out = capsys.readouterr().out
-    assert f"note: no pre-trained checkpoint in {tmp_path / 'project04_sft'}" in out
+    assert f"note: no fine-tuned checkpoint in {tmp_path / 'project04_sft'}" in out
     assert "Train project 04 first" in out
     assert config_of(tmp_path / "out")["base"]["init_from"] == "scratch"
 
@@ -322,3 +322,11 @@ def test_benchmark_writes_the_results_schema(dpo_run, tmp_path):
     for mode in ("precomputed", "lora"):  # each measured against the frozen copy, a variant of the table
         assert rows[("step_ms", f"ref-{mode}")]["baseline"] == "ref-model"
     assert "baseline" not in rows[("step_ms", "ref-model")]
+
+
+def test_label_smoothing_with_ipo_is_refused(data_file, tmp_path, capsys):
+    """IPO has no label-smoothing term: accepting the flag would record a setting that did nothing."""
+    flags = ["--loss", "ipo", "--label-smoothing", "0.1"]
+    rc = train_tiny("--data", data_file, "--out", tmp_path / "out", *flags)
+    assert "--label-smoothing" in assert_one_line_error(capsys, rc)
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ from checkpoint import DEFAULT_DIR, checkpoint_exists, load_checkpoint
 from cli import (
     PROJECT,
     ArgumentParser,
+    UserError,
     add_device_args,
     autocast,
     exits_cleanly,
@@ -210,6 +211,8 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found now, not after minutes of measuring
+        raise UserError(f"--out {args.out} is a file; it must be a directory for the results")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     mc, tc = PRESETS[args.preset]

@@ -25,7 +25,7 @@ import regex
 import tiktoken
 import torch
 
-from cli import PROJECT, ArgumentParser, exits_cleanly, positive_int
+from cli import PROJECT, ArgumentParser, UserError, exits_cleanly, positive_int
 from data import SPECIAL_TOKENS, gpt2_tokenizer, read_text
 from tokenizer import Tokenizer, train_bpe, train_bpe_from_text
 
@@ -238,6 +238,8 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found now, not after minutes of measuring
+        raise UserError(f"--out {args.out} is a file; it must be a directory for the results")
     english = read_text(args.data)
     vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
     if args.preset == "tiny":

@@ -321,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
                 save_run(args.out, model, tokenizer, optimizer, batch_gen, meta, metrics, elapsed)
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted at step {step}; the last checkpoint is in {args.out}; continue with --resume")
+        last = meta["training"].get("step") or (saved and saved["training"].get("step"))
+        if last:
+            print(
+                f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
+                "continue with --resume"
+            )
+        else:
+            print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
         return 130
     bar.close()
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]

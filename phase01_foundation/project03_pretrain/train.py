@@ -390,7 +390,14 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     except KeyboardInterrupt:
         bar.close()
         if d.is_main:
-            print(f"interrupted at step {step}; the last checkpoint is in {args.out}; continue with --resume")
+            last = meta["training"].get("step") or (saved and saved["training"].get("step"))
+            if last:
+                print(
+                    f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
+                    "continue with --resume"
+                )
+            else:
+                print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
         return 130
     bar.close()
     if d.is_main:

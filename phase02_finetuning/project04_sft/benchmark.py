@@ -137,6 +137,8 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found now, not after minutes of measuring
+        raise UserError(f"--out {args.out} is a file; it must be a directory for the results")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tuned, config = load_checkpoint(args.checkpoint, device)

@@ -60,6 +60,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.prompt is not None and (args.instruction is not None or args.input):
         p.error("--prompt is plain text without the template; use it or --instruction/--input, not both")
+    if args.interactive and (args.prompt is not None or args.instruction is not None or args.input):
+        p.error(
+            "--interactive reads instructions from stdin; --prompt, --instruction and --input do not apply"
+        )
+    if args.instruction is not None and not args.instruction.strip():
+        p.error("--instruction is empty; give the task to do")
     return args
 
 
@@ -128,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None:  # plain continuation: print the prompt, then what follows
         text, shown = args.prompt, args.prompt
     else:  # NEW: the instruction goes into the template the model was fine-tuned on
-        text, shown = format_prompt(args.instruction or DEFAULT_INSTRUCTION, args.input), ""
+        text, shown = (
+            format_prompt(
+                args.instruction if args.instruction is not None else DEFAULT_INSTRUCTION, args.input
+            ),
+            "",
+        )
     idx = to_tensor(encode(tokenizer, text), model.config.block_size, device)
     for i in range(args.num_samples):
         if args.num_samples > 1:

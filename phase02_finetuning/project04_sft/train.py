@@ -145,9 +145,9 @@ def load_base(init_from: str, device: torch.device) -> tuple[GPT, str]:
             f"--init-from {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, "
             f"nor one of {', '.join(GPT2_MODELS)}"
         )
-    model, config = load_checkpoint(path, device)
-    if config["tokenizer"].get("type") != "tiktoken":
+    if read_config(path)["tokenizer"].get("type") != "tiktoken":  # before the weights: say why it can't load
         raise UserError(f"--init-from {path} was not trained on tiktoken's GPT-2 tokens")
+    model, _ = load_checkpoint(path, device)
     return model, str(path.resolve())
 
 
@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init_from = args.init_from or ("scratch" if preset == "tiny" else "auto")
         model, base = load_base(init_from, device)
+        if (
+            Path(base).is_absolute() and Path(base) == args.out
+        ):  # saving would replace the model it starts from
+            raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
     model.config.dropout = tc.dropout
     for m in model.modules():  # NEW: dropout on for fine-tuning (the base may have been trained without)
         if isinstance(m, torch.nn.Dropout):
@@ -388,16 +392,21 @@ def main(argv: list[str] | None = None) -> int:
                 bar.write(f"step {step}: train loss {loss:.4f}, held-out response loss {val:.4f}")
                 meta["training"].update(step=step, train_loss=loss, val_loss=val)
                 files = {}
-                if (
-                    step == tc.max_iters
-                ):  # NEW: what the fine-tuning did, in words: answers to held-out records
+                if step == tc.max_iters:  # what the fine-tuning did, in words: held-out answers
                     files["eval.json"] = evaluation(model, tokenizer, val_records, meta, tc, device)
                 save_run(
                     args.out, model, optimizer, loader, meta, metrics, time.perf_counter() - start, files
                 )
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted at step {step}; the last checkpoint is in {args.out}; continue with --resume")
+        last = meta["training"].get("step") or (saved and saved["training"].get("step"))
+        if last:
+            print(
+                f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
+                "continue with --resume"
+            )
+        else:
+            print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
         return 130
     bar.close()
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
@@ -442,6 +451,18 @@ def check_resume(args, saved: dict) -> None:
         raise UserError(f"the run's data {recorded} (recorded in its config.json) is gone")
     if args.init_from is not None:
         raise UserError("--init-from starts a new run; --resume continues from the checkpoint in --out")
+    flags = {
+        "--batch-size": args.batch_size,
+        "--pack": getattr(args, "pack", None),
+        "--seed": args.seed,
+        "--lr": args.lr,
+    }
+    changed = [name for name, value in flags.items() if value is not None]
+    if changed:  # each would make the resumed run differ from the uninterrupted one
+        raise UserError(
+            f"{', '.join(changed)} cannot change when resuming (--resume continues the run exactly; "
+            "--max-iters, --eval-interval and --eval-samples may change)"
+        )
 
 
 def save_run(out: Path, model: GPT, optimizer, loader, meta, metrics, elapsed, files: dict) -> None:

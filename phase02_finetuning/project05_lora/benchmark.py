@@ -30,7 +30,7 @@ from cli import (
 )
 from data import SFTLoader, encode_examples, eval_batches, load_records, split_records
 from lora import LoRAConfig, apply_lora, trainable_parameters
-from train import PRESETS, lr_at, make_optimizer, response_loss, train_step
+from train import DEFAULT_PRESET, PRESETS, lr_at, make_optimizer, response_loss, train_step
 
 TITLE = "LoRA vs full fine-tuning"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,6 +51,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def run_variant(rank: int | None, init_from: str, train_examples, val, tc, args, device, dtype) -> dict:
     """Train one variant for --steps steps (rank None: full fine-tuning). Returns its measurements."""
     model, _ = load_base(init_from, device)
+    for m in model.modules():  # dropout as train.py sets it, before the adapters get their own
+        if isinstance(m, torch.nn.Dropout):
+            m.p = tc.dropout
     torch.manual_seed(tc.seed)  # before apply_lora: the adapters' random A is the same in every run
     if rank is not None:
         apply_lora(model, LoRAConfig(r=rank, alpha=2.0 * rank))  # NEW: alpha/r = 2 at every rank
@@ -119,7 +122,10 @@ def row(metric: str, variant: str, value, unit: str, baseline: tuple[str, float]
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'metric':<22} {'variant':<12} {'value':>14} {'unit':<7} vs baseline")
     for r in rows:
-        value = "not measured" if r["value"] is None else f"{r['value']:,.4g}"
+        value = r["value"]
+        value = (
+            "not measured" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:,.4g}"
+        )
         ratio = f"{r['ratio']:.3g}x" if "ratio" in r else ""
         print(f"{r['metric']:<22} {r['variant']:<12} {value:>14} {r['unit']:<7} {ratio}")
 
@@ -163,6 +169,8 @@ UNITS = {
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found now, not after minutes of measuring
+        raise UserError(f"--out {args.out} is a file; it must be a directory for the results")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     args.preset = args.preset or ("gpt2" if device.type == "cuda" else "cpu")
@@ -177,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     init_from = args.init_from or ("scratch" if args.preset == "tiny" else "auto")
     records, data_name = load_records(args.data)
     train_records, val_records = split_records(records)
-    block = load_base(init_from, torch.device("cpu"))[0].config.block_size
+    probe, base = load_base(init_from, torch.device("cpu"))
+    block = probe.config.block_size
+    del probe
     train_examples = encode_examples(train_records, block, "training")
     val = eval_batches(encode_examples(val_records, block, "held-out"), tc.batch_size)
 
@@ -200,12 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         "title": TITLE,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": info,
-        "preset": "default" if args.preset == ("gpt2" if device.type == "cuda" else "cpu") else args.preset,
+        "preset": "default" if args.preset == DEFAULT_PRESET else args.preset,
         "config": {
-            **vars(tc),
+            **{k: v for k, v in vars(tc).items() if k not in ("max_iters", "eval_interval", "eval_samples")},
             "full_lr": FULL_LR[args.preset],
             "steps": args.steps,
-            "init_from": init_from,
+            "init_from": base,
             "data": data_name,
             "lora_alpha_over_r": 2.0,
             "lora_targets": list(LoRAConfig().targets),

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_model, save_model
 
 from cli import PROJECT, REPO_ROOT, UserError, command
 from data import EOT
 from hf import GPT2_MODELS, load_gpt2
-from lora import LoRAConfig, load_adapter, lora_layers, lora_state_dict, save_adapter
+from lora import LoRAConfig, load_adapter, load_lora_tensors, lora_layers, save_adapter
 from model import GPT, GPTConfig
 
 DEFAULT_DIR = REPO_ROOT / "data" / "models" / PROJECT
@@ -73,7 +73,10 @@ def load_checkpoint(
     NEW: an adapter checkpoint is loaded onto its base model (the one recorded, or `base`)."""
     config = read_config(ckpt_dir)
     if "lora" in config:
-        model, _ = load_base(base or config["base"]["init_from"], torch.device(device))
+        try:
+            model, _ = load_base(base or config["base"]["init_from"], torch.device(device))
+        except UserError as e:  # load_base speaks of --init-from; here the base came from --base
+            raise UserError(str(e).replace("--init-from", "--base", 1) if base else str(e)) from e
         load_adapter(find_checkpoint(Path(ckpt_dir)), model)  # refuses a different base model
         return model.eval(), config
     try:
@@ -88,26 +91,13 @@ def load_weights(model: GPT, ckpt_dir: Path) -> None:
     """Fill in a model's weights from a checkpoint: all of them, or (adapter checkpoints) its LoRA tensors."""
     folder = find_checkpoint(Path(ckpt_dir))
     if (folder / "adapter.safetensors").exists():
-        return _load_lora_tensors(model, folder / "adapter.safetensors")
+        return load_lora_tensors(model, folder / "adapter.safetensors")
     path = folder / "model.safetensors"
     try:
         load_model(model, str(path), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path.parent} is corrupt or does not match its config ({reason})") from e
-
-
-def _load_lora_tensors(model: GPT, path: Path) -> None:
-    params = lora_state_dict(model)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint {path.parent} is corrupt ({str(e).strip() or type(e).__name__})") from e
-    if tensors.keys() != params.keys() or any(tensors[k].shape != params[k].shape for k in params):
-        raise UserError(f"checkpoint {path.parent} is corrupt: its adapter does not match its config")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
 
 
 def load_base(init_from: str, device: torch.device) -> tuple[GPT, str]:
@@ -141,11 +131,13 @@ def load_base(init_from: str, device: torch.device) -> tuple[GPT, str]:
             f"--init-from {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, "
             f"nor one of {', '.join(GPT2_MODELS)}"
         )
-    model, config = load_checkpoint(path, device)
+    config = read_config(path)  # checked before any weights are read
     if config["tokenizer"].get("type") != "tiktoken":
         raise UserError(f"--init-from {path} was not trained on tiktoken's GPT-2 tokens")
     if "lora" in config:
-        raise UserError(f"--init-from {path} is an adapter; merge it first: {command('merge.py')}")
+        merge = command("merge.py", "--checkpoint", str(path))
+        raise UserError(f"--init-from {path} is an adapter, not a whole model; merge it first: {merge}")
+    model, _ = load_checkpoint(path, device)
     return model, str(path.resolve())
 
 

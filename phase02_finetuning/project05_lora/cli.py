@@ -93,6 +93,18 @@ def probability(text: str) -> float:
     return value
 
 
+def fraction_below(upper: float):
+    """An argparse type for a number in [0, upper): a dropout rate (upper 1), a label-smoothing rate (0.5)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not 0 <= value < upper:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be in [0, {upper:g}), got {text}")
+        return value
+
+    return parse
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",

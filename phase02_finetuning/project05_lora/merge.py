@@ -19,6 +19,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="where to save (default: <checkpoint>_merged)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint.resolve()  # "." has no name to build the default --out from
     args.out = (args.out or args.checkpoint.with_name(args.checkpoint.name + "_merged")).resolve()
     return args
 
@@ -26,8 +27,13 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.out.exists() and not (args.overwrite and checkpoint_exists(args.out)):
-        raise UserError(f"{args.out} already exists; pass --overwrite to replace a checkpoint there")
+    taken = args.out.exists() and (args.out.is_file() or any(args.out.iterdir()))
+    if taken and not checkpoint_exists(args.out):
+        raise UserError(
+            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
+        )
+    if taken and not args.overwrite:
+        raise UserError(f"{args.out} already holds a checkpoint; pass --overwrite to replace it")
     model, config = load_checkpoint(args.checkpoint)
     if "lora" not in config:
         raise UserError(f"{args.checkpoint} holds a full model, not an adapter; nothing to merge")

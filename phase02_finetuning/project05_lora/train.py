@@ -35,12 +35,12 @@ from cli import (
     autocast,
     command,
     exits_cleanly,
+    fraction_below,
     non_negative_int,
     pick_device,
     pick_dtype,
     positive_float,
     positive_int,
-    probability,
     seed_everything,
     sync,
 )
@@ -205,7 +205,9 @@ def parse_args(argv):
     lora = p.add_argument_group("LoRA (fixed for a run: --resume keeps the recorded ones)")
     lora.add_argument("--lora-r", type=positive_int, default=None, help="adapter rank (default: 8)")
     lora.add_argument("--lora-alpha", type=positive_float, default=None, help="scale alpha/r (default: 16)")
-    lora.add_argument("--lora-dropout", type=probability, default=None, help="on the adapter input (0.05)")
+    lora.add_argument(
+        "--lora-dropout", type=fraction_below(1), default=None, help="on the adapter input (0.05)"
+    )
     lora.add_argument(
         "--lora-targets",
         default=None,
@@ -268,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init_from = args.init_from or ("scratch" if preset == "tiny" else "auto")
         model, base = load_base(init_from, device)
+        if (
+            Path(base).is_absolute() and Path(base) == args.out
+        ):  # saving would replace the model it starts from
+            raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
         lora_config = lora_config_from(args)
     fingerprint = base_fingerprint(model)  # NEW: the adapter is only meaningful on exactly this base
     if saved and fingerprint != saved["base"]["fingerprint"]:
@@ -351,16 +357,21 @@ def main(argv: list[str] | None = None) -> int:
                 bar.write(f"step {step}: train loss {loss:.4f}, held-out response loss {val:.4f}")
                 meta["training"].update(step=step, train_loss=loss, val_loss=val)
                 files = {}
-                if (
-                    step == tc.max_iters
-                ):  # NEW: what the fine-tuning did, in words: answers to held-out records
+                if step == tc.max_iters:  # what the fine-tuning did, in words: held-out answers
                     files["eval.json"] = evaluation(model, tokenizer, val_records, meta, tc, device)
                 save_run(
                     args.out, model, optimizer, loader, meta, metrics, time.perf_counter() - start, files
                 )
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted at step {step}; the last checkpoint is in {args.out}; continue with --resume")
+        last = meta["training"].get("step") or (saved and saved["training"].get("step"))
+        if last:
+            print(
+                f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
+                "continue with --resume"
+            )
+        else:
+            print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
         return 130
     bar.close()
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
@@ -405,6 +416,18 @@ def check_resume(args, saved: dict) -> None:
         raise UserError(f"the run's data {recorded} (recorded in its config.json) is gone")
     if args.init_from is not None:
         raise UserError("--init-from starts a new run; --resume continues from the checkpoint in --out")
+    flags = {
+        "--batch-size": args.batch_size,
+        "--pack": getattr(args, "pack", None),
+        "--seed": args.seed,
+        "--lr": args.lr,
+    }
+    changed = [name for name, value in flags.items() if value is not None]
+    if changed:  # each would make the resumed run differ from the uninterrupted one
+        raise UserError(
+            f"{', '.join(changed)} cannot change when resuming (--resume continues the run exactly; "
+            "--max-iters, --eval-interval and --eval-samples may change)"
+        )
     lora_flags = (args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if any(f is not None for f in lora_flags):
         raise UserError("--lora-* settings are fixed for a run; --resume continues with the recorded ones")

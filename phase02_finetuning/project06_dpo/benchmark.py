@@ -47,6 +47,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def bench_reference(mode: str, init_from: str, pairs: list, tc: TrainConfig, args, device, dtype) -> dict:
     """--repeats timed DPO steps from the starting model with one kind of reference."""
     policy, _ = load_base(init_from, device)
+    for m in policy.modules():  # as train.py does: no dropout in the model (see TrainConfig.dropout)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = tc.dropout
     if mode == "lora":
         apply_lora(policy, LoRAConfig())
     policy.train()
@@ -133,6 +136,8 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():  # found now, not after minutes of measuring
+        raise UserError(f"--out {args.out} is a file; it must be a directory for the results")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     tuned, config = load_checkpoint(args.checkpoint, device)
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     units = {"step_ms": "ms", "setup_s": "s", "peak_memory_mb": "MiB"}
     for metric, unit in units.items():
         for mode, values in costs.items():
-            ref_value = ("ref-model", costs["model"][metric]) if mode != "model" else None
+            compared = mode != "model" and metric != "setup_s"  # no setup at all is not a ratio
+            ref_value = ("ref-model", costs["model"][metric]) if compared else None
             rows.append(row(metric, f"ref-{mode}", values[metric], unit, ref_value))
     print_table(rows)
 

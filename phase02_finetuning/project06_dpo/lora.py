@@ -254,21 +254,27 @@ def load_adapter(adapter_dir: Path, model: nn.Module) -> tuple[LoRAConfig, dict]
     if base_fingerprint(model) != recorded:
         recorded_base = meta["base"].get("init_from", "not recorded")  # what train.py records
         raise UserError(f"adapter {adapter_dir} was trained on a different base model ({recorded_base})")
-    path = adapter_dir / "adapter.safetensors"
+    apply_lora(model, config)
+    load_lora_tensors(model, adapter_dir / "adapter.safetensors")
+    return config, meta
+
+
+def load_lora_tensors(model: nn.Module, path: Path) -> None:
+    """Copy an adapter file's tensors into a model that already has its LoRA layers (onto the base weight's
+    device and dtype); the file must hold exactly the model's LoRA tensors, in their shapes."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"adapter file {path} is corrupt ({reason})") from e
-    apply_lora(model, config)
     params = lora_state_dict(model)
     wrong = sorted(params.keys() ^ tensors.keys())  # missing or unexpected
     wrong += [n for n in tensors if n in params and tensors[n].shape != params[n].shape]
     if wrong:
         raise UserError(
-            f"adapter file {path} does not match its config ({len(wrong)} tensors: {wrong[0]}, ...)"
+            f"adapter file {path} is corrupt: it does not match its config "
+            f"({len(wrong)} tensors: {wrong[0]}, ...)"
         )
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t)  # onto the base weight's device and dtype
-    return config, meta
+            params[name].copy_(t)

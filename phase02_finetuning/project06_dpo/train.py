@@ -37,12 +37,12 @@ from cli import (
     autocast,
     command,
     exits_cleanly,
+    fraction_below,
     non_negative_int,
     pick_device,
     pick_dtype,
     positive_float,
     positive_int,
-    probability,
     seed_everything,
     sync,
 )
@@ -82,7 +82,7 @@ PRESETS = {
     "cpu": TrainConfig(batch_size=8, max_iters=200, lr=1e-4, min_lr=1e-5, warmup_iters=20, eval_interval=50),
     # Seconds anywhere, from a random tiny model: for tests.
     "tiny": TrainConfig(
-        batch_size=4, max_iters=40, lr=1e-3, min_lr=1e-4, warmup_iters=5, eval_interval=20, eval_samples=2
+        batch_size=2, max_iters=40, lr=1e-3, min_lr=1e-4, warmup_iters=5, eval_interval=20, eval_samples=2
     ),
 }
 DEFAULT_PRESET = "gpt2"
@@ -132,7 +132,9 @@ class Reference:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
         elif mode == "precomputed":  # the policy is still the reference now: score with it, keep no copy
             policy.eval()
-            batches = eval_pair_batches(train_pairs, batch_size)
+            batches = tqdm(
+                eval_pair_batches(train_pairs, batch_size), desc="reference log-probs", unit="batch"
+            )
             self.table = torch.cat([torch.stack(self.compute(policy, b), dim=1) for b in batches])  # (N, 2)
             policy.train()
 
@@ -236,7 +238,7 @@ def parse_args(argv):
     p.add_argument("--beta", type=positive_float, default=None, help="DPO's beta: the KL weight (0.1)")
     p.add_argument(
         "--label-smoothing",
-        type=non_negative_float_below_half,
+        type=fraction_below(0.5),
         default=None,
         help="conservative DPO: the assumed chance a label is flipped, in [0, 0.5) (default: 0)",
     )
@@ -265,7 +267,9 @@ def parse_args(argv):
     )
     lora.add_argument("--lora-r", type=positive_int, default=None, help="adapter rank (default: 8)")
     lora.add_argument("--lora-alpha", type=positive_float, default=None, help="scale alpha/r (default: 16)")
-    lora.add_argument("--lora-dropout", type=probability, default=None, help="on the adapter input (0.05)")
+    lora.add_argument(
+        "--lora-dropout", type=fraction_below(1), default=None, help="on the adapter input (0.05)"
+    )
     lora.add_argument(
         "--lora-targets",
         default=None,
@@ -274,13 +278,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
     return args
-
-
-def non_negative_float_below_half(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 0.5:
-        raise ValueError(text)  # argparse reports it as an invalid value
-    return value
 
 
 def resolve_config(args, saved: dict | None) -> tuple[str, TrainConfig]:
@@ -307,6 +304,8 @@ def resolve_config(args, saved: dict | None) -> tuple[str, TrainConfig]:
             "--resume continues with the recorded ones"
         )
     tc = replace(tc, **{k: v for k, v in flags.items() if v is not None})
+    if tc.loss == "ipo" and tc.label_smoothing:
+        raise UserError("--label-smoothing applies to the sigmoid (DPO) loss only; IPO has no such term")
     if not saved:
         lora = bool(args.lora)
         tc = replace(tc, lora=lora, ref="precomputed" if args.precompute_ref else "lora" if lora else "model")
@@ -344,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     default = "scratch" if preset == "tiny" else "auto"
     init_from = saved["base"]["init_from"] if saved else args.init_from or default
     policy, base = load_base(init_from, device)
+    if Path(base).is_absolute() and Path(base) == args.out:  # saving would replace the model it starts from
+        raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
     fingerprint = base_fingerprint(policy)
     if saved and fingerprint != saved["base"]["fingerprint"]:
         raise UserError(
@@ -444,7 +445,14 @@ def main(argv: list[str] | None = None) -> int:
                 save_run(args.out, policy, optimizer, loader, meta, metrics, elapsed, files)
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted at step {step}; the last checkpoint is in {args.out}; continue with --resume")
+        last = meta["training"].get("step") or (saved and saved["training"].get("step"))
+        if last:
+            print(
+                f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
+                "continue with --resume"
+            )
+        else:
+            print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
         return 130
     bar.close()
     after = meta["training"]["after"]
@@ -487,6 +495,18 @@ def check_resume(args, saved: dict) -> None:
         raise UserError(f"the run's data {recorded} (recorded in its config.json) is gone")
     if args.init_from is not None:
         raise UserError("--init-from starts a new run; --resume continues from the checkpoint in --out")
+    flags = {
+        "--batch-size": args.batch_size,
+        "--pack": getattr(args, "pack", None),
+        "--seed": args.seed,
+        "--lr": args.lr,
+    }
+    changed = [name for name, value in flags.items() if value is not None]
+    if changed:  # each would make the resumed run differ from the uninterrupted one
+        raise UserError(
+            f"{', '.join(changed)} cannot change when resuming (--resume continues the run exactly; "
+            "--max-iters, --eval-interval and --eval-samples may change)"
+        )
     lora_flags = (args.lora, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if any(f is not None for f in lora_flags):
         raise UserError("--lora-* settings are fixed for a run; --resume continues with the recorded ones")
