@@ -572,3 +572,15 @@ def test_resume_refuses_flags_that_would_change_the_run(trained, tmp_path, capsy
 def test_generate_refuses_input_it_would_ignore(random_ckpt, capsys, flags):
     rc = generate("--checkpoint", random_ckpt, *flags)
     assert flags[0] in assert_one_line_error(capsys, rc)
+
+
+def test_a_project01_checkpoint_is_refused_for_its_tokenizer_not_called_corrupt(small_data, tmp_path, capsys):
+    """Its weights do not fit this GPT either; the reason to give is the tokenizer, checked first."""
+    p01 = load_project("project01_minimal_gpt")
+    small = p01.model.GPT(p01.model.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
+    meta = {"tokenizer": {"type": "char", "chars": "ab"}, "training": {}}
+    p01.checkpoint.save_checkpoint(tmp_path / "p01", small, meta)
+    rc = generate("--checkpoint", tmp_path / "p01")
+    assert "tiktoken" in assert_one_line_error(capsys, rc)
+    rc = train_tiny("--data", small_data, "--init-from", tmp_path / "p01", "--out", tmp_path / "o")
+    assert "tiktoken" in assert_one_line_error(capsys, rc)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint
+from checkpoint import DEFAULT_DIR, load_checkpoint, read_config
 from cli import (
     ArgumentParser,
     UserError,
@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"--init-from {args.init_from}: {str(e).splitlines()[0]}") from e
     else:
-        model, config = load_checkpoint(args.checkpoint, device)
-        if config["tokenizer"].get("type") != "tiktoken":
+        if (
+            read_config(args.checkpoint)["tokenizer"].get("type") != "tiktoken"
+        ):  # before its weights fail to fit
             raise UserError(f"{args.checkpoint} was not trained on tiktoken's GPT-2 tokens")
+        model, config = load_checkpoint(args.checkpoint, device)
     tokenizer = GPT2Tokenizer()
     amp = autocast(device, pick_dtype(args.dtype, device))
     gen = torch.Generator(device=device).manual_seed(args.seed)  # same seed, same samples

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint
+from checkpoint import DEFAULT_DIR, load_checkpoint, read_config
 from cli import (
     ArgumentParser,
     UserError,
@@ -115,9 +115,9 @@ def load_model(args, device) -> GPT:
                 f"GPT-2's tokens need {EOT + 1}"
             )
         return model
-    model, config = load_checkpoint(args.checkpoint, device)
-    if config["tokenizer"].get("type") != "tiktoken":
+    if read_config(args.checkpoint)["tokenizer"].get("type") != "tiktoken":  # before its weights fail to fit
         raise UserError(f"{args.checkpoint} was not trained on tiktoken's GPT-2 tokens")
+    model, config = load_checkpoint(args.checkpoint, device)
     return model
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint
+from checkpoint import DEFAULT_DIR, load_checkpoint, read_config
 from cli import (
     ArgumentParser,
     UserError,
@@ -127,9 +127,9 @@ def load_model(args, device) -> GPT:
                 f"GPT-2's tokens need {EOT + 1}"
             )
         return model
-    model, config = load_checkpoint(args.checkpoint, device, base=args.base)
-    if config["tokenizer"].get("type") != "tiktoken":
+    if read_config(args.checkpoint)["tokenizer"].get("type") != "tiktoken":  # before its weights fail to fit
         raise UserError(f"{args.checkpoint} was not trained on tiktoken's GPT-2 tokens")
+    model, config = load_checkpoint(args.checkpoint, device, base=args.base)
     if args.merge:  # NEW: W <- W + (alpha/r) B A in every adapted layer: a plain GPT again
         merge_and_unload(model)
     return model
