@@ -187,6 +187,13 @@ def checkpoint_exists(ckpt_dir: Path) -> bool:
     return (ckpt_dir / "config.json").exists() or (_sibling(ckpt_dir, "old") / "config.json").exists()
 
 
+def refuse_non_checkpoint_out(out: Path) -> None:
+    """A non-empty folder (or a file) that holds no checkpoint is the user's, not ours to replace."""
+    taken = out.exists() and (out.is_file() or any(out.iterdir()))
+    if taken and not checkpoint_exists(out):
+        raise UserError(f"--out {out} exists and is not a checkpoint directory; choose a new or empty one")
+
+
 def find_checkpoint(ckpt_dir: Path) -> Path:
     """The checkpoint directory, or its previous version if a save was cut off between its two renames."""
     if (ckpt_dir / "config.json").exists():

@@ -26,6 +26,7 @@ from checkpoint import (
     load_train_state,
     load_weights,
     read_config,
+    refuse_non_checkpoint_out,
     save_checkpoint,
 )
 from cli import (
@@ -239,14 +240,7 @@ def resolve_config(args, saved: dict | None) -> tuple[str, TrainConfig]:
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (
-        args.out.exists()
-        and not checkpoint_exists(args.out)
-        and (args.out.is_file() or any(args.out.iterdir()))
-    ):
-        raise UserError(
-            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
-        )
+    refuse_non_checkpoint_out(args.out)
     saved = read_config(args.out) if args.resume else None
     if not args.resume and not args.overwrite and checkpoint_exists(args.out):
         raise UserError(

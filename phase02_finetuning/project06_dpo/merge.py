@@ -8,7 +8,13 @@ python merge.py --checkpoint /tmp/lora --out /tmp/lora-merged
 
 from pathlib import Path
 
-from checkpoint import DEFAULT_DIR, checkpoint_exists, load_checkpoint, save_checkpoint
+from checkpoint import (
+    DEFAULT_DIR,
+    checkpoint_exists,
+    load_checkpoint,
+    refuse_non_checkpoint_out,
+    save_checkpoint,
+)
 from cli import ArgumentParser, UserError, command, exits_cleanly
 from lora import merge_and_unload
 
@@ -27,12 +33,8 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    taken = args.out.exists() and (args.out.is_file() or any(args.out.iterdir()))
-    if taken and not checkpoint_exists(args.out):
-        raise UserError(
-            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
-        )
-    if taken and not args.overwrite:
+    refuse_non_checkpoint_out(args.out)
+    if checkpoint_exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} already holds a checkpoint; pass --overwrite to replace it")
     model, config = load_checkpoint(args.checkpoint)
     if "lora" not in config:
