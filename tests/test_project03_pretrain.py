@@ -50,7 +50,7 @@ def test_gradient_accumulation_equals_a_larger_batch():
         torch.manual_seed(0)
         model = P.model.GPT(TINY)
         opt = P.train.make_optimizer(model, tc, torch.device("cpu"))
-        loader = P.shards.ShardLoader.from_tokens(tokens, batch_size, TINY.block_size)
+        loader = P.shards.TokenLoader(tokens, batch_size, TINY.block_size)
         P.train.train_step(
             model, opt, loader, accum, 1e-3, tc, torch.device("cpu"), torch.float32, P.distributed.Dist()
         )
@@ -99,8 +99,8 @@ def test_benchmark_writes_the_results_schema(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert report["schema"] == 1 and report["project"] == "project03_pretrain"
     rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
-    assert rows[("tok_per_s", "fp32-sdpa")]["baseline"] == "fp32-explicit"
-    assert rows[("tok_per_s", "fp32-explicit")]["value"] > 0
+    assert rows[("train_tok_per_s", "fp32-sdpa")]["baseline"] == "fp32-explicit"
+    assert rows[("train_tok_per_s", "fp32-explicit")]["value"] > 0
     assert rows[("mfu_percent", "fp32-sdpa")]["value"] is None  # no known peak FLOP/s for a CPU
     assert run_main(P.benchmark, "--variants", "fp64-magic") == 2
 
@@ -112,7 +112,7 @@ def test_validation_never_counts_a_batch_twice():
         .numpy()
         .astype("uint16")
     )
-    make_val = lambda: P.shards.ShardLoader.from_tokens(tokens, 2, TINY.block_size)  # noqa: E731 - 3 batches of 2
+    make_val = lambda: P.shards.TokenLoader(tokens, 2, TINY.block_size)  # noqa: E731 - 3 batches of 2
     torch.manual_seed(0)
     model = P.model.GPT(TINY).eval()
     tc = P.train.TrainConfig(eval_iters=10)

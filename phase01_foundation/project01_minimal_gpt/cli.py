@@ -29,8 +29,9 @@ def command(script: str, *flags: str, project: str = PROJECT) -> str:
     return " ".join(["python", os.path.relpath(project_folder(project) / script), *flags])
 
 
-class UserError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2, no traceback."""
+class UserError(ValueError):
+    """Bad input, with a message written for the user. Library modules raise it like any ValueError; the
+    scripts (exits_cleanly) report it as one line on stderr with exit code 2 and no traceback."""
 
 
 class _Help(argparse.HelpFormatter):

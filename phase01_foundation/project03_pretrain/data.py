@@ -1,18 +1,17 @@
-"""Pre-training data: tiktoken's GPT-2 encoding, and batch loaders over token shards (prepare.py) or over a
+"""Pre-training data: documents as GPT-2 tokens, and batch loaders over token shards (prepare.py) or over a
 small local text file."""
 
 import re
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 from cli import REPO_ROOT, UserError
-from shards import ShardLoader, list_shards
+from shards import ShardLoader, TokenLoader, list_shards
+from tokenizer import EOT, gpt2_encoding
 
 DATA_DIR = REPO_ROOT / "data"
 DEFAULT_SHARDS = DATA_DIR / "wikitext"
-EOT = 50256  # GPT-2's <|endoftext|>: written before every document, so the model learns where one starts
 
 
 def read_text(path: str | Path) -> str:
@@ -31,26 +30,10 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-_encoding: tiktoken.Encoding | None = None  # per process: forked workers inherit the parent's
-
-
-def gpt2_encoding() -> tiktoken.Encoding:
-    """NEW: GPT-2's tokenizer, as tiktoken ships it (project 02 showed ours gives the same ids)."""
-    global _encoding
-    if _encoding is None:
-        try:
-            _encoding = tiktoken.get_encoding("gpt2")
-        except (OSError, ValueError) as e:  # requests' errors are OSErrors; a bad download is a ValueError
-            raise UserError(
-                f"cannot load tiktoken's GPT-2 encoding ({e}); it is downloaded once into tiktoken's cache "
-                "(TIKTOKEN_CACHE_DIR) and needs the internet that first time"
-            ) from e
-    return _encoding
-
-
 def tokenize(doc: str) -> np.ndarray:
-    """One document -> [<|endoftext|>, its tokens...] as uint16. encode_ordinary treats a literal
-    "<|endoftext|>" in the text as plain text, so no document can forge a separator."""
+    """One document -> [<|endoftext|>, its tokens...] as uint16: the separator before every document teaches
+    the model where one starts. encode_ordinary treats a literal "<|endoftext|>" in the text as plain text,
+    so no document can forge a separator."""
     return np.array([EOT, *gpt2_encoding().encode_ordinary(doc)], dtype=np.uint16)
 
 
@@ -60,19 +43,6 @@ def split_documents(text: str, one_document: bool = False) -> list[str]:
     # next document's first line stays with it.
     docs = [text] if one_document else re.split(r"\n(?:[^\S\n]*\n)+", text)
     return [d for d in docs if d.strip()]
-
-
-class GPT2Tokenizer:
-    """tiktoken's GPT-2 encoding behind the two methods generate.py uses."""
-
-    def __init__(self):
-        self.enc = gpt2_encoding()
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode(text, allowed_special="all")  # "<|endoftext|>" in a prompt is the special id
-
-    def id_to_bytes(self, token_id: int) -> bytes:
-        return self.enc.decode_single_token_bytes(token_id)
 
 
 def encode_text_file(path: Path) -> np.ndarray:
@@ -100,10 +70,10 @@ def make_loaders(data: str | Path | None, batch_size: int, block_size: int, d):
         return train, make_val, f"{len(train_files)} train + {len(val_files)} val shards in {path}"
     tokens = encode_text_file(path)
     n = int(len(tokens) * 0.9)
-    train = ShardLoader.from_tokens(tokens[:n], batch_size, block_size, d.rank, d.world_size)
+    train = TokenLoader(tokens[:n], batch_size, block_size, d.rank, d.world_size)
 
     def make_val():
-        return ShardLoader.from_tokens(tokens[n:], batch_size, block_size, d.rank, d.world_size)
+        return TokenLoader(tokens[n:], batch_size, block_size, d.rank, d.world_size)
 
     make_val()
     return train, make_val, f"{len(tokens):,} tokens from {path.name} (90% train)"

@@ -1,7 +1,6 @@
 """Sample text from a trained checkpoint, or from GPT-2's published weights.
 
 python generate.py --init-from gpt2 --prompt "The meaning of life is"   # OpenAI's GPT-2 small
-
 python generate.py --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 50
 python generate.py --stream          # print text as it is sampled, whole characters only
 python generate.py --interactive     # type prompts, get continuations
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint, read_config
+from checkpoint import DEFAULT_DIR, load_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -27,14 +26,17 @@ from cli import (
     probability,
     temperature,
 )
-from data import DATA_DIR, GPT2Tokenizer
+from data import DATA_DIR
 from hf import load_gpt2
 from model import GPT
+from tokenizer import GPT2Tokenizer
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Generate text with a trained project 03 checkpoint or GPT-2's weights.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"(default: {DEFAULT_DIR})")
+    p = ArgumentParser(
+        description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
+    )
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument(
         "--init-from",
         default=None,
@@ -43,11 +45,11 @@ def parse_args(argv):
     )
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens to sample per sample")
-    p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
-    p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--seed", type=non_negative_int, default=1337)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="continuations of the prompt")
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'")
     add_device_args(p)
@@ -90,16 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     if args.init_from:  # NEW: GPT-2's own weights, converted from the Hugging Face format (hf.py)
-        try:
-            model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"--init-from {args.init_from}: {str(e).splitlines()[0]}") from e
+        model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
     else:
-        if (
-            read_config(args.checkpoint)["tokenizer"].get("type") != "tiktoken"
-        ):  # before its weights fail to fit
-            raise UserError(f"{args.checkpoint} was not trained on tiktoken's GPT-2 tokens")
-        model, config = load_checkpoint(args.checkpoint, device)
+        model, _ = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken")
     tokenizer = GPT2Tokenizer()
     amp = autocast(device, pick_dtype(args.dtype, device))
     gen = torch.Generator(device=device).manual_seed(args.seed)  # same seed, same samples

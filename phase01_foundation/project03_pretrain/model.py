@@ -147,6 +147,16 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss."""
+        logits = self.lm_head(self.hidden(idx))[..., : self.config.vocab_size]  # (B, T, V): padding dropped
+        loss = None
+        if targets is not None:
+            # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
+            # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
@@ -154,13 +164,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C); positions broadcast over the batch
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V): padding dropped
-        loss = None
-        if targets is not None:
-            # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
-            # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate_stream(
@@ -176,16 +180,12 @@ class GPT(nn.Module):
         project 08 removes that cost."""
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size :]  # past the context, slide: keep the newest tokens
-            logits, _ = self(window)
-            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            # Only the last position is sampled from, so only it goes through lm_head (at GPT-2's 50,257
+            # tokens that is the largest matmul of the step).
+            logits = self.lm_head(self.hidden(window)[:, -1, :])[:, : self.config.vocab_size]  # (B, V)
+            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """idx: (B, T) prompt. Returns (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
-        new = list(self.generate_stream(idx, max_new_tokens, **sampling))
-        return torch.cat([idx, *new], dim=1)
 
 
 def sample_next_token(

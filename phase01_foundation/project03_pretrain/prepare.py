@@ -32,8 +32,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import ArgumentParser, UserError, exits_cleanly, positive_int
-from data import DATA_DIR, gpt2_encoding, read_text, split_documents, tokenize
+from data import DATA_DIR, read_text, split_documents, tokenize
 from shards import SPLITS, shard_name, write_shard
+from tokenizer import gpt2_encoding
 
 DATASETS = ("wikitext", "fineweb-edu")
 VAL_FRACTION = 0.1

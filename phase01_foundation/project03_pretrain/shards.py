@@ -133,18 +133,6 @@ class ShardLoader:
         # Memory maps cost address space, not memory: pages are read only when a batch touches them.
         self._setup([read_shard(f) for f in self.files], batch_size, block_size, rank, world_size)
 
-    @classmethod
-    def from_tokens(
-        cls,
-        tokens: np.ndarray | torch.Tensor,
-        batch_size: int,
-        block_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> "ShardLoader":
-        """The same loader over one in-memory token array (a TokenLoader)."""
-        return TokenLoader(tokens, batch_size, block_size, rank, world_size)
-
     def _setup(
         self, shards: list[np.ndarray], batch_size: int, block_size: int, rank: int, world_size: int
     ) -> None:
@@ -165,10 +153,6 @@ class ShardLoader:
 
     def _describe(self, i: int) -> str:
         return f"token shard {self.files[i]}"
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s) for s in self.shards)
 
     def reset(self) -> None:
         """Back to the start of the first shard, e.g. to evaluate on the same validation batches each time."""

@@ -8,7 +8,6 @@ python train.py --resume                         # continue the run in --out exa
 
 import contextlib
 import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,21 +21,28 @@ from tqdm import tqdm
 import distributed
 from checkpoint import (
     DEFAULT_DIR,
-    checkpoint_exists,
-    find_checkpoint,
+    interrupted,
     load_train_state,
     load_weights,
-    read_config,
+    metrics_file,
+    prepare_out,
+    read_metrics,
+    restore_rng_states,
+    rng_states,
     save_checkpoint,
 )
 from cli import (
     ArgumentParser,
     UserError,
+    add_config_flags,
     add_device_args,
     autocast,
+    check_memory,
     command,
     exits_cleanly,
+    fraction_below,
     non_negative_int,
+    override,
     pick_dtype,
     positive_float,
     positive_int,
@@ -71,14 +77,7 @@ PRESETS = {
     "cpu": (
         GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
         TrainConfig(
-            batch_size=16,
-            total_batch_tokens=4096,
-            max_iters=300,
-            lr=2e-3,
-            min_lr=2e-4,
-            warmup_iters=30,
-            eval_interval=100,
-            eval_iters=20,
+            batch_size=16, total_batch_tokens=4096, max_iters=300, lr=2e-3, min_lr=2e-4, warmup_iters=30
         ),
     ),
     # Seconds anywhere; two micro-batches per step, so gradient accumulation is exercised too.
@@ -97,7 +96,25 @@ PRESETS = {
     ),
 }
 DEFAULT_PRESET = "gpt2"
-
+# The flags that override a preset's value, with their types; --help reads each preset's value from PRESETS.
+MODEL_FLAGS = {"dropout": (fraction_below(1), "dropout rate")}
+TRAIN_FLAGS = {
+    "max_iters": (positive_int, "total optimizer steps"),
+    "batch_size": (positive_int, "micro-batch size per device"),
+    "total_batch_tokens": (positive_int, "tokens per optimizer step"),
+    "lr": (positive_float, "peak learning rate"),
+    "eval_interval": (positive_int, "evaluate and checkpoint every N steps"),
+    "eval_iters": (positive_int, "batches per loss estimate"),
+    "seed": (non_negative_int, "random seed"),
+}
+FIXED_ON_RESUME = (
+    "preset",
+    "dropout",
+    "batch_size",
+    "total_batch_tokens",
+    "lr",
+    "seed",
+)  # --resume continues exactly
 # Dense bf16 peak FLOP/s of common GPUs, from their data sheets, for model FLOPs utilisation (MFU).
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -188,6 +205,15 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def step_memory(mc: GPTConfig, tc: TrainConfig) -> float:
+    """A lower bound on the bytes a training step holds: weights, gradients and Adam's two moments (16 bytes
+    a parameter), and the activations backward needs (a few (T, C) tensors per layer and the logits, in
+    bf16 at the least; fused attention keeps no (T, T) matrix)."""
+    params = 12 * mc.n_layer * mc.n_embd**2 + mc.padded_vocab_size * mc.n_embd
+    per_token = 8 * mc.n_layer * mc.n_embd + 2 * mc.padded_vocab_size
+    return 16 * params + 2 * per_token * tc.batch_size * mc.block_size
+
+
 def plot_losses(metrics: list[dict]) -> bytes:
     """The loss curve as PNG bytes: every training step, and the periodic validation estimates."""
     fig = Figure(figsize=(7, 4), dpi=120)
@@ -205,10 +231,12 @@ def plot_losses(metrics: list[dict]) -> bytes:
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Pre-train project 03's GPT-2 on GPT-2 tokens (one process or torchrun).")
+    p = ArgumentParser(
+        description="Pre-train this project's GPT-2 on GPT-2 tokens (one process or torchrun)."
+    )
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=PRESETS,
         default=None,
         help=f"model and training sizes (default: {DEFAULT_PRESET}; tiny runs in seconds on a CPU)",
     )
@@ -218,9 +246,7 @@ def parse_args(argv):
         default=None,
         help="a UTF-8 text file, or a folder of shards from prepare.py (default: data/wikitext)",
     )
-    p.add_argument(
-        "--out", type=Path, default=DEFAULT_DIR, help=f"checkpoint directory (default: {DEFAULT_DIR})"
-    )
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     add_device_args(p)
@@ -229,43 +255,62 @@ def parse_args(argv):
         "--attention",
         choices=["sdpa", "explicit"],
         default="sdpa",
-        help="fused scaled_dot_product_attention (default) or project 01's written-out version",
+        help="fused scaled_dot_product_attention, or project 01's written-out version",
     )
     p.add_argument("--peak-flops", type=positive_float, default=None, help="device peak FLOP/s for MFU")
-    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: 1337)")
-    p.add_argument("--max-iters", type=positive_int, default=None, help="total optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="micro-batch size per device")
-    p.add_argument("--total-batch-tokens", type=positive_int, default=None, help="tokens per optimizer step")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
-    p.add_argument(
-        "--eval-interval", type=positive_int, default=None, help="evaluate and checkpoint every N steps"
-    )
-    p.add_argument("--eval-iters", type=positive_int, default=None, help="batches per loss estimate")
+    add_config_flags(p, {name: mc for name, (mc, _) in PRESETS.items()}, MODEL_FLAGS)
+    add_config_flags(p, {name: tc for name, (_, tc) in PRESETS.items()}, TRAIN_FLAGS)
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
     return args
 
 
-def resolve_configs(args, saved: dict | None) -> tuple[str, GPTConfig, TrainConfig]:
-    """Preset, then what a resumed checkpoint recorded, then explicit flags: later wins."""
-    preset = saved["training"]["preset"] if saved else args.preset or DEFAULT_PRESET
-    if saved and args.preset not in (None, preset):
-        raise UserError(f"the run in {args.out} uses the {preset} preset; --resume cannot change it")
-    mc, tc = PRESETS[preset]
-    if saved:
-        mc = GPTConfig(**saved["model"])
-        tc = TrainConfig(**saved["training"]["train_config"])
-    flags = {
-        "seed": args.seed,
-        "max_iters": args.max_iters,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "total_batch_tokens": args.total_batch_tokens,
-        "eval_interval": args.eval_interval,
-        "eval_iters": args.eval_iters,
-    }
-    tc = replace(tc, **{k: v for k, v in flags.items() if v is not None})
-    return preset, replace(mc, flash=args.attention == "sdpa"), tc
+def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, dict]:
+    """The run's preset, configs and metadata: a preset's, or what a resumed run recorded; then the flags.
+    Checked before anything is computed or written."""
+    saved = prepare_out(args.out, args.resume, args.overwrite)
+    flash = args.attention == "sdpa"
+    if saved is None:
+        preset = args.preset or DEFAULT_PRESET
+        mc, tc = PRESETS[preset]
+        data = args.data and str(args.data.resolve())
+        meta = {"training": {"preset": preset, "data": data, "world_size": d.world_size}}
+        return (
+            preset,
+            replace(override(mc, args, MODEL_FLAGS), flash=flash),
+            override(tc, args, TRAIN_FLAGS),
+            meta,
+        )
+    changed = [f"--{name.replace('_', '-')}" for name in FIXED_ON_RESUME if getattr(args, name) is not None]
+    if changed:
+        raise UserError(
+            f"{', '.join(changed)} cannot change when resuming: --resume continues the run exactly "
+            "(--max-iters, --eval-interval and --eval-iters may change)"
+        )
+    training = saved["training"]
+    if training.get("world_size", 1) != d.world_size:  # each process's data position is saved
+        raise UserError(
+            f"the run in {args.out} used {training.get('world_size', 1)} process(es); "
+            f"resume it with as many (now {d.world_size})"
+        )
+    if args.data is not None and str(args.data.resolve()) != training["data"]:
+        raise UserError(
+            f"the run in {args.out} trained on {training['data'] or 'data/wikitext'}; --resume "
+            "continues on the same data (its saved position points into it)"
+        )
+    if training["data"] and not Path(training["data"]).exists():
+        raise UserError(
+            f"the run's data {training['data']} (recorded in its config.json) is gone; "
+            "prepare it again at that path to resume"
+        )
+    tc = override(TrainConfig(**training["train_config"]), args, TRAIN_FLAGS)
+    if training["step"] >= tc.max_iters:
+        raise UserError(
+            f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
+            "--max-iters to train further (the cosine schedule is then stretched to it)"
+        )
+    mc = replace(GPTConfig(**saved["model"]), flash=flash)
+    return training["preset"], mc, tc, {k: saved[k] for k in ("tokenizer", "training")}
 
 
 @exits_cleanly
@@ -279,66 +324,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args, d: distributed.Dist, device: torch.device) -> int:
-    if (
-        args.out.exists()
-        and not checkpoint_exists(args.out)
-        and (args.out.is_file() or any(args.out.iterdir()))
-    ):
-        raise UserError(
-            f"--out {args.out} exists and is not a checkpoint directory; choose a new or empty one"
-        )
-    saved = read_config(args.out) if args.resume else None
-    if not args.resume and not args.overwrite and checkpoint_exists(args.out):
-        raise UserError(
-            f"{args.out} already holds a checkpoint; pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    if saved:
-        check_resume(args, saved, d)
-    preset, mc, tc = resolve_configs(args, saved)
+    preset, mc, tc, meta = configure(args, d)
     accum = grad_accum_steps(tc, mc.block_size, d.world_size)
     dtype = pick_dtype(args.dtype, device)
-
-    # Everything the user gave us is checked before anything is written.
-    data_arg = args.data if args.data is not None else (saved["training"]["data"] if saved else None)
-    train_loader, make_val_loader, data_desc = make_loaders(data_arg, tc.batch_size, mc.block_size, d)
+    train_loader, make_val_loader, data_desc = make_loaders(
+        meta["training"]["data"], tc.batch_size, mc.block_size, d
+    )
+    check_memory(step_memory(mc, tc), device, f"a micro-batch of {tc.batch_size} x {mc.block_size} tokens")
 
     seed_everything(tc.seed + d.rank)
     raw_model = GPT(mc).to(device)
     optimizer = make_optimizer(raw_model, tc, device)
-    step, metrics, elapsed = 0, [], 0.0
-    if saved:
-        step, metrics, elapsed = restore_run(args.out, raw_model, optimizer, train_loader, d)
-        if step >= tc.max_iters:
-            raise UserError(
-                f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
-                "--max-iters to train further (the cosine schedule is then stretched to it)"
-            )
+    step, metrics = restore_run(args.out, raw_model, optimizer, train_loader, d) if args.resume else (0, [])
     model = (
         torch.compile(raw_model) if args.compile else raw_model
     )  # NEW: fuses kernels, cuts Python overhead
     if d.enabled:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    tokens_per_step = tc.total_batch_tokens
+    meta["tokenizer"] = {"type": "tiktoken", "name": "gpt2"}
+    meta["training"].update(train_config=asdict(tc), device=device.type)
     fpt, peak = flops_per_token(mc), peak_flops(device, args.peak_flops)
     if d.is_main:
         print(
-            f"{preset} preset: {raw_model.num_params() / 1e6:.2f}M parameters; {data_desc}; "
-            f"{d.world_size} process(es) x {accum} micro-batch(es) of {tc.batch_size} x {mc.block_size} "
-            f"= {tokens_per_step:,} tokens/step; {device.type} {str(dtype).removeprefix('torch.')}"
+            f"{preset} preset: {raw_model.num_params() / 1e6:.2f}M parameters; {data_desc}; {d.world_size} "
+            f"process(es) x {accum} micro-batch(es) of {tc.batch_size} x {mc.block_size} = "
+            f"{tc.total_batch_tokens:,} tokens/step; {device.type} {str(dtype).removeprefix('torch.')}"
         )
-    meta = {
-        "tokenizer": {"type": "tiktoken", "name": "gpt2"},
-        "training": {
-            "preset": preset,
-            "data": data_arg and str(Path(data_arg).resolve()),
-            "train_config": asdict(tc),
-            "device": device.type,
-            "world_size": d.world_size,
-        },
-    }
-    warn_cpu = device.type == "cpu" and args.preset is None and not saved and d.is_main
+    slow = device.type == "cpu" and preset == DEFAULT_PRESET and d.is_main
+    if slow:
+        print(
+            f"warning: the {preset} preset is sized for a GPU; on a CPU it takes days. --preset cpu is sized "
+            "for a CPU (minutes), --preset tiny runs in seconds"
+        )
+
     bar = tqdm(
         total=tc.max_iters,
         initial=step,
@@ -347,138 +365,74 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
         dynamic_ncols=True,
         disable=not d.is_main,
     )
-    start = time.perf_counter() - elapsed
+    start = time.perf_counter() - meta["training"].get("elapsed_s", 0.0)
     try:
         while step < tc.max_iters:
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
             loss, grad_norm = train_step(model, optimizer, train_loader, accum, lr, tc, device, dtype, d)
             sync(device)
-            step += 1
-            dt = time.perf_counter() - t0
+            step, dt = step + 1, time.perf_counter() - t0
             metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
             postfix = {
                 "loss": f"{loss:.4f}",
                 "lr": f"{lr:.2e}",
-                "norm": f"{grad_norm:.2f}",
-                "tok_s": f"{tokens_per_step / dt:,.0f}",
+                "tok_s": f"{tc.total_batch_tokens / dt:,.0f}",
             }
             if peak:  # NEW: model FLOPs utilisation: achieved FLOP/s over what the hardware could do
-                postfix["mfu"] = f"{100 * fpt * tokens_per_step / dt / (peak * d.world_size):.1f}%"
+                postfix["mfu"] = f"{100 * fpt * tc.total_batch_tokens / dt / (peak * d.world_size):.1f}%"
             bar.set_postfix(postfix)
             bar.update()
-            if warn_cpu and step == 3:
-                warn_slow_cpu(bar, dt, tc.max_iters - step)
+            if slow and step == 1:
+                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 val = estimate_loss(model, make_val_loader, tc, device, dtype, d)
                 metrics.append({"step": step, "val_loss": val, "val_ppl": math.exp(val)})
                 bar.write(
-                    f"step {step}: train loss {loss:.4f}, val loss {val:.4f}, "
-                    f"val perplexity {math.exp(val):.2f}"
+                    f"step {step}: train loss {loss:.4f}, val loss {val:.4f}, perplexity {math.exp(val):.2f}"
                 )
-                meta["training"].update(step=step, train_loss=loss, val_loss=val)
-                save_run(
-                    args.out,
-                    raw_model,
-                    optimizer,
-                    train_loader,
-                    meta,
-                    metrics,
-                    time.perf_counter() - start,
-                    d,
+                meta["training"].update(
+                    step=step, train_loss=loss, val_loss=val, elapsed_s=round(time.perf_counter() - start, 1)
                 )
+                save_run(args.out, raw_model, optimizer, train_loader, meta, metrics, d)
     except KeyboardInterrupt:
         bar.close()
         if d.is_main:
-            last = meta["training"].get("step") or (saved and saved["training"].get("step"))
-            if last:
-                print(
-                    f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
-                    "continue with --resume"
-                )
-            else:
-                print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
+            print(interrupted(step, meta["training"].get("step"), args.out))
         return 130
     bar.close()
     if d.is_main:
         flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
-        print(
-            f"done: val loss {meta['training']['val_loss']:.4f} after {step} steps; "
-            f"checkpoint in {args.out}\n"
-            f"sample from it: {command('generate.py', *flags)}"
-        )
+        val = meta["training"]["val_loss"]
+        print(f"done: val loss {val:.4f} after {step} steps; checkpoint in {args.out}")
+        print(f"sample from it: {command('generate.py', *flags)}")
     return 0
 
 
-def check_resume(args, saved: dict, d: distributed.Dist) -> None:
-    """A resumed run continues exactly only with the same number of processes and the same data."""
-    if saved["training"].get("world_size", 1) != d.world_size:
-        raise UserError(f"the run in {args.out} used {saved['training'].get('world_size', 1)} process(es); "
-                        f"resume it with as many (now {d.world_size})")  # fmt: skip
-    recorded = saved["training"].get("data")
-    if args.data is not None and str(Path(args.data).resolve()) != recorded:
-        raise UserError(f"the run in {args.out} trained on {recorded or 'data/wikitext'}; --resume continues "
-                        "on the same data (its saved position points into it)")  # fmt: skip
-    if args.data is None and recorded and not Path(recorded).exists():
-        raise UserError(f"the run's data {recorded} (recorded in its config.json) is gone; prepare it again "
-                        "at that path to resume")  # fmt: skip
-
-
-def save_run(out: Path, model: GPT, optimizer, loader, meta, metrics, elapsed, d) -> None:
+def save_run(out: Path, model: GPT, optimizer, loader, meta: dict, metrics: list, d) -> None:
     """Checkpoint everything the next step depends on: weights, optimizer moments, and every rank's data
     position and RNG state. Only rank 0 writes; the gathers are collective, so every rank calls this."""
     loader_states = distributed.gather(loader.state_dict(), d)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rng_states = distributed.gather(rng, d)  # each rank has its own dropout stream (seed + rank)
-    if not d.is_main:
-        return
-    meta["training"]["elapsed_s"] = round(elapsed, 1)
-    state = {
-        "step": metrics[-1]["step"],
-        "optimizer": optimizer.state_dict(),
-        "loaders": loader_states,
-        "rng": rng_states,
-        "elapsed_s": elapsed,
-    }
-    files = {
-        "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics).encode(),
-        "loss_curve.png": plot_losses(metrics),
-    }
-    save_checkpoint(out, model, meta, state, files)
+    rng = distributed.gather(rng_states(), d)  # each rank has its own dropout stream (seed + rank)
+    if d.is_main:
+        state = {
+            "step": metrics[-1]["step"],
+            "optimizer": optimizer.state_dict(),
+            "loaders": loader_states,
+            "rng": rng,
+        }
+        files = {"metrics.jsonl": metrics_file(metrics), "loss_curve.png": plot_losses(metrics)}
+        save_checkpoint(out, model, meta, state, files)
 
 
-def restore_run(ckpt_dir: Path, model: GPT, optimizer, loader, d) -> tuple:
+def restore_run(ckpt_dir: Path, model: GPT, optimizer, loader, d) -> tuple[int, list]:
     """The inverse of save_run: afterwards the next steps compute exactly what an uninterrupted run would."""
     load_weights(model, ckpt_dir)
     state = load_train_state(ckpt_dir)
-    if len(state["loaders"]) != d.world_size:
-        raise UserError(
-            f"the run in {ckpt_dir} used {len(state['loaders'])} process(es); resume it with as many"
-        )
     optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loaders"][d.rank])
-    rng = state["rng"][d.rank]
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    metrics_file = find_checkpoint(ckpt_dir) / "metrics.jsonl"
-    try:
-        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-        metrics = [json.loads(line) for line in lines]
-    except ValueError as e:
-        raise UserError(f"{metrics_file} is corrupt ({e}); cannot resume from it") from e
-    return state["step"], metrics, state["elapsed_s"]
-
-
-def warn_slow_cpu(bar: tqdm, seconds_per_step: float, steps_left: int) -> None:
-    seconds = seconds_per_step * steps_left
-    duration = f"{seconds / 3600:.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
-    bar.write(
-        f"warning: the {DEFAULT_PRESET} preset is sized for a GPU; on this CPU it will take about "
-        f"{duration} ({seconds_per_step:.2f} s/step measured). Use --preset tiny for a quick run."
-    )
+    restore_rng_states(state["rng"][d.rank])
+    return state["step"], read_metrics(ckpt_dir)
 
 
 if __name__ == "__main__":
