@@ -405,14 +405,14 @@ def test_init_from_nowhere_is_one_line(small_data, tmp_path, capsys):
 
 
 def test_auto_without_a_project03_checkpoint_falls_back_to_scratch(small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(P.train, "BASE_DIR", tmp_path / "project03_pretrain")
+    monkeypatch.setattr(P.train, "BASE", tmp_path / "project03_pretrain")
     flags = ["--init-from", "auto", "--max-iters", 1, "--eval-samples", 0]
     rc = train_tiny("--data", small_data, "--out", tmp_path / "out", *flags)
     assert rc == 0
-    assert f"note: no pre-trained checkpoint in {tmp_path / 'project03_pretrain'}" in capsys.readouterr().out
+    assert f"note: no checkpoint in {tmp_path / 'project03_pretrain'}" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["training"]["init_from"] == "scratch"
-    scratch = P.train.SCRATCH_MODEL
+    scratch = P.checkpoint.SCRATCH_MODEL
     assert (config["model"]["n_embd"], config["model"]["block_size"]) == (scratch.n_embd, scratch.block_size)
 
 
@@ -435,7 +435,7 @@ def test_eval_json_answers_the_first_held_out_records_greedily(trained, data_fil
     report = json.loads((trained / "eval.json").read_text())
     _, val = D.split_records(D.load_records(data_file)[0])
     model, _ = P.checkpoint.load_checkpoint(trained)
-    tokenizer = D.GPT2Tokenizer()
+    tokenizer = P.tokenizer.GPT2Tokenizer()
     assert len(report["responses"]) == 3  # --eval-samples
     for r, record in zip(report["responses"], val):
         assert set(r) == {"instruction", "input", "reference", "response"}
@@ -451,7 +451,7 @@ def test_evaluation_answers_without_dropout(monkeypatch):
     monkeypatch.setattr(P.train, "answer", lambda m, *args, **kwargs: modes.append(m.training) or "answer")
     meta = {"training": {"val_loss_before": 2.0, "val_loss": 1.0}}
     tc = replace(P.train.PRESETS["tiny"], eval_samples=2)
-    report = json.loads(P.train.evaluation(model, None, D.check_records(RECORDS, "test"), meta, tc, CPU))
+    report = json.loads(P.train.evaluation(model, D.check_records(RECORDS, "test"), meta, tc, CPU))
     assert modes == [False, False] and model.training
     assert [r["response"] for r in report["responses"]] == ["answer", "answer"]
 
@@ -470,7 +470,7 @@ def test_generation_stops_at_end_of_text(random_ckpt, scripted_model, capsys):
 def test_instruction_output_is_the_greedy_answer(random_ckpt, capsys):
     model, _ = P.checkpoint.load_checkpoint(random_ckpt)
     record = {"instruction": "Add the numbers.", "input": "2 and 3"}
-    expected = P.train.answer(model, D.GPT2Tokenizer(), record, CPU, max_new_tokens=8)
+    expected = P.train.answer(model, P.tokenizer.GPT2Tokenizer(), record, CPU, max_new_tokens=8)
     assert len(expected) > 8  # a random model rambles on: eight tokens of something
     flags = ["--instruction", record["instruction"], "--input", record["input"], "--temperature", 0]
     rc = generate("--checkpoint", random_ckpt, *flags, "--max-new-tokens", 8)
@@ -483,7 +483,7 @@ def test_prompt_and_instruction_together_are_refused(random_ckpt, capsys):
 
 
 def test_fit_history_drops_the_oldest_turns_first():
-    tokenizer = D.GPT2Tokenizer()
+    tokenizer = P.tokenizer.GPT2Tokenizer()
     turns = [("Say hi.", "Hi!"), ("Name a colour.", "Blue."), ("Add 2 and 3.", "5.")]
 
     def text(kept, instruction):
@@ -546,12 +546,12 @@ def test_benchmark_writes_the_results_schema(trained, tmp_path, capsys):
     assert report["schema"] == 1 and report["project"] == "project04_sft" and report["preset"] == "tiny"
     assert {"type", "name", "torch", "python"} <= set(report["device"])
     rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
-    base, tuned = rows[("val_response_loss", "base")], rows[("val_response_loss", "fine-tuned")]
+    base, tuned = rows[("val_loss", "base")], rows[("val_loss", "fine-tuned")]
     assert tuned["value"] < base["value"] and tuned["baseline"] == "base"
     assert tuned["ratio"] == pytest.approx(tuned["value"] / base["value"], abs=1e-3)
     padded, packed = rows[("padding_percent", "padded")], rows[("padding_percent", "packed")]
     assert 0 <= packed["value"] < padded["value"] < 100  # packing spends less compute on padding
-    assert rows[("peak_memory_mb", "padded")]["value"] is None  # measured on CUDA only, said so
+    assert rows[("peak_memory_mib", "padded")]["value"] is None  # measured on CUDA only, said so
     training = json.loads((trained / "config.json").read_text())["training"]
     assert tuned["value"] == pytest.approx(training["val_loss"], rel=1e-5)  # the same held-out tokens
 
@@ -581,6 +581,6 @@ def test_a_project01_checkpoint_is_refused_for_its_tokenizer_not_called_corrupt(
     meta = {"tokenizer": {"type": "char", "chars": "ab"}, "training": {}}
     p01.checkpoint.save_checkpoint(tmp_path / "p01", small, meta)
     rc = generate("--checkpoint", tmp_path / "p01")
-    assert "tiktoken" in assert_one_line_error(capsys, rc)
+    assert "holds a project01_minimal_gpt checkpoint" in assert_one_line_error(capsys, rc)
     rc = train_tiny("--data", small_data, "--init-from", tmp_path / "p01", "--out", tmp_path / "o")
-    assert "tiktoken" in assert_one_line_error(capsys, rc)
+    assert "project01_minimal_gpt/generate.py" in assert_one_line_error(capsys, rc)

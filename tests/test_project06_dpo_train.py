@@ -290,7 +290,7 @@ def test_auto_without_a_project04_checkpoint_falls_back_to_scratch(data_file, tm
     rc = train_tiny("--data", data_file, "--out", tmp_path / "out", "--init-from", "auto", "--max-iters", 1)
     assert rc == 0
     out = capsys.readouterr().out
-    assert f"note: no fine-tuned checkpoint in {tmp_path / 'project04_sft'}" in out
+    assert f"note: no checkpoint in {tmp_path / 'project04_sft'}" in out
     assert "Train project 04 first" in out
     assert config_of(tmp_path / "out")["base"]["init_from"] == "scratch"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint, read_config
+from checkpoint import DEFAULT_DIR, load_base, load_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -27,16 +27,16 @@ from cli import (
     probability,
     temperature,
 )
-from data import DATA_DIR, EOT, GPT2Tokenizer, format_prompt
-from hf import load_gpt2
+from data import format_prompt
 from model import GPT
+from tokenizer import EOT, GPT2Tokenizer
 
 DEFAULT_INSTRUCTION = "Give three tips for staying healthy."
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Answer instructions with a fine-tuned project 04 checkpoint.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"(default: {DEFAULT_DIR})")
+    p = ArgumentParser(description="Answer instructions with a fine-tuned checkpoint of this project.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument(
         "--init-from",
         default=None,
@@ -49,11 +49,11 @@ def parse_args(argv):
     p.add_argument("--input", default="", help="optional context for the instruction")
     p.add_argument("--prompt", default=None, help="continue this text as is, without the template")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most this many tokens")
-    p.add_argument("--temperature", type=temperature, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
-    p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--seed", type=non_negative_int, default=1337)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="answers to the instruction")
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
     p.add_argument("--interactive", action="store_true", help="chat on stdin until EOF or 'quit'")
     add_device_args(p)
@@ -104,21 +104,9 @@ def respond(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, 
 
 
 def load_model(args, device) -> GPT:
-    if args.init_from:  # GPT-2's own weights (hf.py), to see what fine-tuning changed
-        try:
-            model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"--init-from {args.init_from}: {str(e).splitlines()[0]}") from e
-        if model.config.vocab_size < EOT + 1:  # the prompt is GPT-2 tokens: fewer rows cannot embed them
-            raise UserError(
-                f"--init-from {args.init_from} has a vocabulary of {model.config.vocab_size} tokens; "
-                f"GPT-2's tokens need {EOT + 1}"
-            )
-        return model
-    if read_config(args.checkpoint)["tokenizer"].get("type") != "tiktoken":  # before its weights fail to fit
-        raise UserError(f"{args.checkpoint} was not trained on tiktoken's GPT-2 tokens")
-    model, config = load_checkpoint(args.checkpoint, device)
-    return model
+    if args.init_from:  # GPT-2's own weights or another base, to see what fine-tuning changed
+        return load_base(args.init_from, device, DEFAULT_DIR)[0].eval()
+    return load_checkpoint(args.checkpoint, device, tokenizer="tiktoken")[0]
 
 
 @exits_cleanly
