@@ -231,20 +231,6 @@ def test_targets_match_whole_name_components():
     assert names == [f"blocks.{i}.{kind}.proj" for i in range(2) for kind in ("attn", "mlp")]
 
 
-def test_adapters_disabled_gives_the_base_model():
-    model = tiny_gpt()
-    base_logits = logits_of(model)
-    L.apply_lora(model, L.LoRAConfig(r=4))
-    randomize_adapters_(model)
-    lora_logits = logits_of(model)
-    with L.adapters_disabled(model):
-        assert torch.equal(logits_of(model), base_logits)
-    assert torch.equal(logits_of(model), lora_logits)
-    L.merge_lora(model)
-    with pytest.raises(RuntimeError, match="merged"), L.adapters_disabled(model):
-        pass
-
-
 def test_merge_and_unload_gives_a_plain_gpt():
     model = tiny_gpt()
     L.apply_lora(model, L.LoRAConfig(r=4))

@@ -37,7 +37,7 @@ def generate(*argv) -> int:
 
 
 def scratch_base() -> "P.model.GPT":
-    return C.load_base("scratch", CPU)[0].eval()
+    return C.load_base("scratch", CPU, C.DEFAULT_DIR)[0].eval()
 
 
 def save_gpt(path, seed: int | None = None):
@@ -303,14 +303,16 @@ def test_benchmark_compares_full_fine_tuning_with_lora_ranks(tmp_path):
     report = json.loads(path.read_text())
     assert report["schema"] == 1 and report["project"] == "project05_lora" and report["preset"] == "tiny"
     rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
-    assert {v for _, v in rows} == {"full", "lora-r2", "lora-r4"}
+    assert {v for _, v in rows} == {"full", "lora-r2", "lora-r4", "lora-r2 merged", "lora-r4 merged"}
+    merged = rows[("decode_tok_per_s", "lora-r2 merged")]
+    assert merged["baseline"] == "lora-r2" and merged["value"] > 0
     full = rows[("trainable_params", "full")]["value"]
     assert full == scratch_base().num_params(non_embedding=False)
     for r in (2, 4):
         lora = rows[("trainable_params", f"lora-r{r}")]
         assert lora["value"] == lora_params(r) and lora["baseline"] == "full"
-        state = rows[("optimizer_state_mb", f"lora-r{r}")]["value"]
-        assert state < rows[("optimizer_state_mb", "full")]["value"] / 100
+        state = rows[("optimizer_state_mib", f"lora-r{r}")]["value"]
+        assert state < rows[("optimizer_state_mib", "full")]["value"] / 100
         assert state == pytest.approx(2 * 4 * lora_params(r) / 2**20, rel=0.01)  # two fp32 moments each
 
 

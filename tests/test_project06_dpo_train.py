@@ -55,7 +55,7 @@ def evaluate_against(policy, reference, batches, tc) -> dict:
 
 
 def scratch_model():
-    return P.checkpoint.load_base("scratch", CPU)[0].eval()
+    return P.checkpoint.load_base("scratch", CPU, P.checkpoint.DEFAULT_DIR)[0].eval()
 
 
 def write_json(path, records):
@@ -114,7 +114,7 @@ def test_the_three_references_give_the_same_loss_as_the_starting_model():
     table of the start's log-probs, and itself with the adapters off: one loss, the hand-computed one."""
     records = P.preference.check_preference_records(make_preferences(8), "test")
     pairs = P.preference.encode_pairs(records, 128, "training")
-    policy = P.checkpoint.load_base("scratch", CPU)[0]
+    policy = P.checkpoint.load_base("scratch", CPU, P.checkpoint.DEFAULT_DIR)[0]
     P.lora.apply_lora(policy, P.lora.LoRAConfig(dropout=0.0))  # B = 0: still the starting model
     amp = contextlib.nullcontext()
     refs = {mode: P.train.Reference(mode, policy, pairs, 3, CPU, amp) for mode in ("model", "precomputed")}

@@ -43,6 +43,7 @@ from cli import (
     pick_dtype,
     positive_float,
     positive_int,
+    refuse_changes_on_resume,
     seed_everything,
     sync,
 )
@@ -208,12 +209,8 @@ def configure(args) -> tuple[str, GPTConfig, TrainConfig, dict]:
         data = args.data and str(args.data.resolve())
         meta = {"training": {"preset": preset, "data": data}}
         return preset, override(mc, args, MODEL_FLAGS), override(tc, args, TRAIN_FLAGS), meta
-    changed = [f"--{name.replace('_', '-')}" for name in FIXED_ON_RESUME if getattr(args, name) is not None]
-    if changed:
-        raise UserError(
-            f"{', '.join(changed)} cannot change when resuming: --resume continues the run exactly "
-            "(--max-iters, --eval-interval and --eval-iters may change)"
-        )
+    recorded = {"preset": saved["training"]["preset"], **saved["model"], **saved["training"]["train_config"]}
+    refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
     recorded = saved["training"]["data"]
     if args.data is not None and str(args.data.resolve()) != recorded:
         raise UserError(

@@ -127,20 +127,37 @@ def probability(text: str) -> float:
 # --- presets: a dataclass holds each default; a flag given on the command line overrides it -----------------
 
 
-def add_config_flags(parser: argparse.ArgumentParser, presets: dict, flags: dict[str, tuple]) -> None:
-    """One --flag per dataclass field in `flags` ({field: (type, help)}). Its default is None ("the preset's
-    value"), and --help lists each preset's value, read from the presets themselves."""
+def add_config_flags(parser: argparse.ArgumentParser, presets: dict, flags: dict, prefix: str = "") -> None:
+    """One --flag per dataclass field in `flags` ({field: (type, help)}), named --<prefix><field>. Its default
+    is None ("the preset's value"), and --help lists each preset's value, read from the presets themselves."""
     for field, (type_, text) in flags.items():
         values = ", ".join(f"{name} {getattr(config, field)}" for name, config in presets.items())
-        parser.add_argument(
-            "--" + field.replace("_", "-"), type=type_, default=None, help=f"{text} ({values})"
-        )
+        flag = "--" + (prefix + field).replace("_", "-")
+        parser.add_argument(flag, type=type_, default=None, help=f"{text} ({values})")
 
 
-def override(config, args: argparse.Namespace, flags: dict):
+def override(config, args: argparse.Namespace, flags: dict, prefix: str = ""):
     """`config` with the fields whose flags were given on the command line replaced by them."""
-    given = {field: getattr(args, field) for field in flags if getattr(args, field) is not None}
-    return dataclasses.replace(config, **given)
+    given = {field: getattr(args, prefix + field) for field in flags}
+    return dataclasses.replace(
+        config, **{field: value for field, value in given.items() if value is not None}
+    )
+
+
+def refuse_changes_on_resume(args: argparse.Namespace, recorded: dict, names: tuple[str, ...]) -> None:
+    """--resume continues a run exactly: a flag in `names` given with another value than the run recorded
+    is refused, by name (giving the same value again is harmless)."""
+    changed = []
+    for name in names:
+        given, was = getattr(args, name), recorded.get(name)
+        if given is not None and given != (tuple(was) if isinstance(was, list) else was):
+            changed.append("--" + name.replace("_", "-"))
+    if changed:
+        flags = ", ".join(changed)
+        raise UserError(
+            f"{flags} cannot change when resuming: --resume continues the run exactly (--max-iters "
+            "and how often it evaluates may change)"
+        )
 
 
 # --- device, precision, randomness ------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from cli import (
     pick_dtype,
     positive_float,
     positive_int,
+    refuse_changes_on_resume,
     seed_everything,
     sync,
 )
@@ -281,12 +282,8 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             override(tc, args, TRAIN_FLAGS),
             meta,
         )
-    changed = [f"--{name.replace('_', '-')}" for name in FIXED_ON_RESUME if getattr(args, name) is not None]
-    if changed:
-        raise UserError(
-            f"{', '.join(changed)} cannot change when resuming: --resume continues the run exactly "
-            "(--max-iters, --eval-interval and --eval-iters may change)"
-        )
+    recorded = {"preset": saved["training"]["preset"], **saved["model"], **saved["training"]["train_config"]}
+    refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
     training = saved["training"]
     if training.get("world_size", 1) != d.world_size:  # each process's data position is saved
         raise UserError(

@@ -25,7 +25,7 @@ from tokenizer import EOT
 MODELS_DIR = REPO_ROOT / "data" / "models"
 DEFAULT_DIR = MODELS_DIR / PROJECT
 FORMAT = 1
-# NEW: the model a run starts from when there is nothing to fine-tune (--init-from scratch, or no base found):
+# The model a run starts from when there is nothing to fine-tune (--init-from scratch, or no base found):
 # random weights, so it can learn the template's shape but hardly any language. Its context fits every
 # record of the instruction-data file (at most 101 tokens).
 SCRATCH_MODEL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
@@ -245,10 +245,10 @@ def interrupted(step: int, last_saved: int | None, out: Path) -> str:
 # --- the model fine-tuning starts from ----------------------------------------------------------------------
 
 
-def load_base(init_from: str, device: torch.device, default: Path) -> tuple[GPT, str]:
+def load_base(init_from: str, device, default: Path, flag: str = "--init-from") -> tuple[GPT, str]:
     """The pre-trained model to fine-tune, and how to find it again. `init_from`: "auto" (the checkpoint in
     `default`, else a tiny random model), "scratch", gpt2 / gpt2-medium / ... (Hugging Face Hub), a folder in
-    Hugging Face's GPT-2 format, or one of this repository's checkpoints."""
+    Hugging Face's GPT-2 format, or one of this repository's checkpoints. Errors name it as `flag`."""
     if init_from == "auto":
         if checkpoint_exists(default):
             init_from = str(default)
@@ -266,15 +266,13 @@ def load_base(init_from: str, device: torch.device, default: Path) -> tuple[GPT,
     if init_from in GPT2_MODELS or "model_type" in _json(path / "config.json"):  # Hugging Face's format
         model = load_gpt2(init_from, cache_dir=REPO_ROOT / "data" / "hf").to(device)
         if model.config.vocab_size < EOT + 1:  # the records are GPT-2 tokens: fewer rows cannot embed them
-            raise UserError(
-                f"{init_from} has a vocabulary of {model.config.vocab_size} tokens; GPT-2 needs {EOT + 1}"
-            )
+            vocab = model.config.vocab_size
+            raise UserError(f"{flag} {init_from} has a vocabulary of {vocab} tokens; GPT-2 needs {EOT + 1}")
         # A folder is recorded as an absolute path, like a checkpoint: benchmark.py reloads it from anywhere.
         return model, str(path.resolve()) if path.is_dir() else init_from
     if not checkpoint_exists(path):
         raise UserError(
-            f"--init-from {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, "
-            f"nor one of {', '.join(GPT2_MODELS)}"
+            f"{flag} {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, nor one of {', '.join(GPT2_MODELS)}"
         )
     model, _ = load_checkpoint(path, device, tokenizer="tiktoken")
     return model, str(path.resolve())

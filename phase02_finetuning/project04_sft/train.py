@@ -48,6 +48,7 @@ from cli import (
     pick_dtype,
     positive_float,
     positive_int,
+    refuse_changes_on_resume,
     seed_everything,
     sync,
 )
@@ -267,12 +268,8 @@ def configure(args) -> tuple[str, TrainConfig, dict, GPTConfig | None]:
             "training": {"preset": preset, "init_from": init_from, "data": data_source(args.data)},
         }
         return preset, tc, meta, None
-    changed = [f"--{name.replace('_', '-')}" for name in FIXED_ON_RESUME if getattr(args, name) is not None]
-    if changed:
-        raise UserError(
-            f"{', '.join(changed)} cannot change when resuming: --resume continues the run exactly "
-            "(--max-iters, --eval-interval and --eval-samples may change)"
-        )
+    recorded = {**saved["training"], **saved["training"]["train_config"]}
+    refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
     training = saved["training"]
     if args.data is not None and data_source(args.data) != training["data"]:
         raise UserError(

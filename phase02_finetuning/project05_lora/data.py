@@ -7,22 +7,38 @@ A record becomes one token sequence:
      prompt: masked out of the loss (target -100)            trained            trained: learns to stop
 """
 
+import hashlib
 import json
 import os
 import random
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
+from tqdm import tqdm
 
 from cli import REPO_ROOT, UserError
+from tokenizer import EOT, gpt2_encoding
 
 DATA_DIR = REPO_ROOT / "data"
 ALPACA_FILE = DATA_DIR / "alpaca" / "alpaca.json"
 ALPACA_DATASET = "tatsu-lab/alpaca"  # Stanford Alpaca's 52,002 records, on the Hugging Face Hub
-EOT = 50256  # GPT-2's <|endoftext|>: ends every response, so generation knows when to stop
+# Small files for a first run, by name (--data instruction-data): LLMs-from-scratch's chapter 7 data
+# (Apache-2.0), 1,100 records each; the second adds a chosen and a rejected response to every record.
+LLMS_FROM_SCRATCH = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+NAMED_FILES = {  # name -> (URL, sha256)
+    "instruction-data": (
+        LLMS_FROM_SCRATCH + "01_main-chapter-code/instruction-data.json",
+        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+    ),
+    "instruction-data-with-preference": (
+        LLMS_FROM_SCRATCH + "04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+    ),
+}
 IGNORE = -100  # target id that F.cross_entropy skips (its default ignore_index)
 HELD_OUT = 0.1  # fraction of the records kept for evaluation, chosen by a fixed shuffle
 SPLIT_SEED = 0  # the held-out split never changes with --seed: before/after losses stay comparable
@@ -140,9 +156,38 @@ def download_alpaca() -> Path:
     )
 
 
+def download_named(name: str) -> Path:
+    """One of NAMED_FILES, downloaded once into data/<name>/<name>.json with a progress bar, its sha256
+    checked before the file appears under its real name."""
+    url, sha256 = NAMED_FILES[name]
+    dest = DATA_DIR / name / f"{name}.json"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                while chunk := response.read(1 << 16):
+                    bar.update(f.write(chunk))
+        if hashlib.sha256(tmp.read_bytes()).hexdigest() != sha256:
+            raise UserError(f"download of {url} is corrupt (its sha256 differs); run again")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"could not download {url} ({e}); pass a local JSON file with --data FILE") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
 def load_records(data: str | Path | None) -> tuple[list[dict], str]:
-    """(records, where they came from): --data FILE, or Alpaca (downloaded on first use)."""
-    path = Path(data) if data is not None else download_alpaca()
+    """(records, where they came from): --data FILE, a name from NAMED_FILES, or Alpaca (downloaded on first
+    use)."""
+    if data is None:
+        path = download_alpaca()
+    else:
+        path = download_named(str(data)) if str(data) in NAMED_FILES else Path(data)
     return check_records(read_records(path), str(path)), path.name
 
 
@@ -157,35 +202,6 @@ def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 # --- tokens and loss masks ------------------------------------------------------------------------------
-
-_encoding: tiktoken.Encoding | None = None
-
-
-def gpt2_encoding() -> tiktoken.Encoding:
-    """GPT-2's tokenizer, as tiktoken ships it (project 02 showed ours gives the same ids)."""
-    global _encoding
-    if _encoding is None:
-        try:
-            _encoding = tiktoken.get_encoding("gpt2")
-        except (OSError, ValueError) as e:  # requests' errors are OSErrors; a bad download is a ValueError
-            raise UserError(
-                f"cannot load tiktoken's GPT-2 encoding ({e}); it is downloaded once into tiktoken's cache "
-                "(TIKTOKEN_CACHE_DIR) and needs the internet that first time"
-            ) from e
-    return _encoding
-
-
-class GPT2Tokenizer:
-    """tiktoken's GPT-2 encoding behind the two methods generate.py uses."""
-
-    def __init__(self):
-        self.enc = gpt2_encoding()
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)  # a literal "<|endoftext|>" typed by a user is plain text
-
-    def id_to_bytes(self, token_id: int) -> bytes:
-        return self.enc.decode_single_token_bytes(token_id)
 
 
 @dataclass
@@ -209,7 +225,10 @@ def encode_examples(records: list[dict], block_size: int, what: str) -> list[Exa
     examples = [encode_example(r) for r in records]
     fits = [e for e in examples if len(e.ids) - 1 <= block_size]  # inputs are ids[:-1]
     if not fits:
-        raise UserError(f"every {what} record is longer than the model's context ({block_size} tokens)")
+        raise UserError(
+            f"every {what} record is longer than the model's context ({block_size} tokens); start from a "
+            "model with a longer one: project 03 trained with --preset cpu (128 tokens) or gpt2 (1024)"
+        )
     if len(fits) < len(examples):
         print(
             f"warning: dropped {len(examples) - len(fits)} of {len(examples)} {what} records longer than "

@@ -9,12 +9,10 @@ so the optimizer state shrinks ~100x and an adapter file is a few MB. After trai
 into W ("merged"): the model is then an ordinary GPT again, with no extra cost at inference.
 """
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,21 +159,6 @@ def merge_lora(model: nn.Module) -> None:
 def unmerge_lora(model: nn.Module) -> None:
     for layer in lora_layers(model):
         layer.unmerge()
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Inside, the model is its frozen base: DPO's reference model without a second copy of the weights."""
-    layers = lora_layers(model)
-    if any(layer.merged for layer in layers):
-        raise RuntimeError("adapters are merged into the weights; unmerge_lora(model) first")
-    try:
-        for layer in layers:
-            layer.adapters_enabled = False
-        yield
-    finally:
-        for layer in layers:
-            layer.adapters_enabled = True
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

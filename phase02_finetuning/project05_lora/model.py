@@ -155,25 +155,29 @@ class GPT(nn.Module):
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss over
         the targets that are not -100 (fine-tuning sets prompt and padding targets to -100).
         segments: (B, T) example numbers of packed rows (data.pack_batch), or None."""
+        logits = self.lm_head(self.hidden(idx, segments))[..., : self.config.vocab_size]  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
+            # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
+            flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+            # NEW: prompt and padding targets are -100: ignore_index leaves them out of the sum and the mean.
+            loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+        return logits, loss
+
+    def hidden(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
         if segments is None:
             pos, mask = torch.arange(T, device=idx.device), None  # (T,): broadcast over the batch
         else:
-            pos, mask = packed_positions_and_mask(segments)  # (B, T), (B, 1, T, T)
+            pos, mask = packed_positions_and_mask(segments)  # NEW: (B, T), (B, 1, T, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, mask)
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V): padding dropped
-        loss = None
-        if targets is not None:
-            # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
-            # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
-            # NEW: prompt and padding targets are -100: ignore_index leaves them out of the sum and the mean.
-            flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-            loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
-        return logits, loss
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate_stream(
@@ -189,30 +193,12 @@ class GPT(nn.Module):
         project 08 removes that cost."""
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size :]  # past the context, slide: keep the newest tokens
-            logits, _ = self(window)
-            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            # Only the last position is sampled from, so only it goes through lm_head (at GPT-2's 50,257
+            # tokens that is the largest matmul of the step).
+            logits = self.lm_head(self.hidden(window)[:, -1, :])[:, : self.config.vocab_size]  # (B, V)
+            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """idx: (B, T) prompt. Returns (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
-        new = list(self.generate_stream(idx, max_new_tokens, **sampling))
-        return torch.cat([idx, *new], dim=1)
-
-
-def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NEW: for rows holding several examples (segments (B, T): 0, 0, 0, 1, 1, 2, ...), each token's position
-    within its own example, and the attention mask that keeps it inside that example: causal and same
-    segment. With both, a packed example's logits equal those it gets alone in a row."""
-    B, T = segments.shape
-    t = torch.arange(T, device=segments.device)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): True where an example begins
-    first = torch.cummax(torch.where(starts, t, 0), dim=1).values  # (B, T): where my example began
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    return t - first, (same & causal).unsqueeze(1)  # positions (B, T), mask (B, 1, T, T)
 
 
 def sample_next_token(
@@ -249,3 +235,17 @@ def _nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
+
+
+def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NEW: for rows holding several examples (segments (B, T): 0, 0, 0, 1, 1, 2, ...), each token's position
+    within its own example, and the attention mask that keeps it inside that example: causal and same
+    segment. With both, a packed example's logits equal those it gets alone in a row."""
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): True where an example begins
+    first = torch.cummax(torch.where(starts, t, 0), dim=1).values  # (B, T): where my example began
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return t - first, (same & causal).unsqueeze(1)  # positions (B, T), mask (B, 1, T, T)

@@ -10,7 +10,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,43 +20,44 @@ from tqdm import tqdm
 
 from checkpoint import (
     DEFAULT_DIR,
-    checkpoint_exists,
-    find_checkpoint,
+    MODELS_DIR,
+    interrupted,
     load_base,
     load_train_state,
     load_weights,
-    read_config,
-    refuse_non_checkpoint_out,
+    metrics_file,
+    prepare_out,
+    read_metrics,
+    restore_rng_states,
+    rng_states,
     save_checkpoint,
 )
 from cli import (
     ArgumentParser,
     UserError,
+    add_config_flags,
     add_device_args,
     autocast,
+    check_memory,
     command,
     exits_cleanly,
     fraction_below,
     non_negative_int,
+    override,
     pick_device,
     pick_dtype,
     positive_float,
     positive_int,
+    refuse_changes_on_resume,
     seed_everything,
     sync,
 )
-from data import (
-    EOT,
-    GPT2Tokenizer,
-    SFTLoader,
-    encode_examples,
-    eval_batches,
-    format_prompt,
-    load_records,
-    split_records,
-)
+from data import IGNORE, SFTLoader, encode_examples, eval_batches, format_prompt, load_records, split_records
 from lora import LoRAConfig, apply_lora, base_fingerprint, trainable_parameters
-from model import GPT
+from model import GPT, GPTConfig
+from tokenizer import EOT, GPT2Tokenizer
+
+BASE = MODELS_DIR / "project03_pretrain"  # where fine-tuning starts by default (--init-from auto)
 
 
 @dataclass
@@ -88,6 +89,32 @@ PRESETS = {
     ),
 }
 DEFAULT_PRESET = "gpt2"
+# The flags that override a preset's value, with their types; --help reads each preset's value from PRESETS.
+TRAIN_FLAGS = {
+    "max_iters": (positive_int, "total optimizer steps"),
+    "batch_size": (positive_int, "examples (or packed rows) per step"),
+    "lr": (positive_float, "peak learning rate"),
+    "dropout": (fraction_below(1), "dropout rate while fine-tuning"),
+    "eval_interval": (positive_int, "evaluate and save every N steps"),
+    "eval_samples": (non_negative_int, "held-out instructions answered in eval.json"),
+    "seed": (non_negative_int, "random seed"),
+}
+LORA_FLAGS = {  # NEW: the adapters' shape, fixed for a run; --help reads the defaults from LoRAConfig
+    "r": (positive_int, "adapter rank"),
+    "alpha": (positive_float, "the update is scaled by alpha / r"),
+    "dropout": (fraction_below(1), "dropout on the adapter's input"),
+    "targets": (lambda text: tuple(t.strip() for t in text.split(",") if t.strip()), "layers to adapt"),
+}
+FIXED_ON_RESUME = (
+    "preset",
+    "init_from",
+    "batch_size",
+    "lr",
+    "dropout",
+    "pack",
+    "seed",
+    *(f"lora_{f}" for f in LORA_FLAGS),
+)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -108,6 +135,28 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.o
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
 
 
+def set_dropout(model: GPT, p: float) -> None:
+    """NEW: dropout on for fine-tuning (the base may have been pre-trained without any)."""
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def train_step(model: GPT, optimizer, loader: SFTLoader, lr: float, tc: TrainConfig, device, dtype) -> tuple:
+    """One optimizer step on one batch. Returns (loss on its response tokens, gradient norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batch = {k: v.to(device) for k, v in loader.next_batch().items()}
+    with autocast(device, dtype):
+        _, loss = model(batch["x"], batch["y"], batch.get("segments"))  # NEW: prompt targets are -100
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    return loss.item(), grad_norm.item()
+
+
 @torch.no_grad()
 def response_loss(model: GPT, batches: list[dict], device, dtype) -> float:
     """NEW: the held-out loss on response tokens only, a token-weighted mean over the whole set: the number
@@ -119,7 +168,7 @@ def response_loss(model: GPT, batches: list[dict], device, dtype) -> float:
         with autocast(device, dtype):
             logits, _ = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += (y != -100).sum().item()
+        count += (y != IGNORE).sum().item()
     model.train()
     return total / count
 
@@ -137,18 +186,36 @@ def answer(model: GPT, tokenizer: GPT2Tokenizer, record: dict, device, max_new_t
     return b"".join(out).decode("utf-8", errors="replace")
 
 
-def train_step(model: GPT, optimizer, loader: SFTLoader, lr: float, tc: TrainConfig, device, dtype) -> tuple:
-    """One optimizer step on one batch. Returns (loss on its response tokens, gradient norm)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    batch = {k: v.to(device) for k, v in loader.next_batch().items()}
-    with autocast(device, dtype):
-        _, loss = model(batch["x"], batch["y"], batch.get("segments"))  # NEW: prompt targets are -100
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    optimizer.step()
-    return loss.item(), grad_norm.item()
+def evaluation(model: GPT, val_records: list[dict], meta: dict, tc: TrainConfig, device) -> bytes:
+    """eval.json: the held-out loss before and after, and greedy answers to the first held-out records
+    next to their reference outputs."""
+    model.eval()  # no dropout: the answers are the saved model's, the ones generate.py gives at temperature 0
+    tokenizer = GPT2Tokenizer()
+    answers = [
+        {
+            "instruction": r["instruction"],
+            "input": r["input"],
+            "reference": r["output"],
+            "response": answer(model, tokenizer, r, device),
+        }
+        for r in val_records[: tc.eval_samples]
+    ]
+    model.train()
+    training = meta["training"]
+    report = {
+        "val_loss_before": training["val_loss_before"],
+        "val_loss_after": training["val_loss"],
+        "responses": answers,
+    }
+    return (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def step_memory(mc: GPTConfig, tc: TrainConfig) -> float:
+    """A lower bound on the bytes a training step holds: weights, gradients and Adam's two moments (16 bytes
+    a parameter), and the activations backward needs for rows of up to a full context."""
+    params = 12 * mc.n_layer * mc.n_embd**2 + mc.padded_vocab_size * mc.n_embd
+    per_token = 8 * mc.n_layer * mc.n_embd + 2 * mc.padded_vocab_size
+    return 16 * params + 2 * per_token * tc.batch_size * mc.block_size
 
 
 def plot_losses(metrics: list[dict]) -> bytes:
@@ -171,319 +238,183 @@ def parse_args(argv):
     p = ArgumentParser(description="Fine-tune a pre-trained GPT on instruction/response pairs (SFT).")
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=PRESETS,
         default=None,
         help=f"training sizes (default: {DEFAULT_PRESET}; tiny runs in seconds on a CPU)",
     )
     p.add_argument(
         "--init-from",
         default=None,
-        help="the model to fine-tune: auto (project 03's checkpoint, else a tiny random model; the default), "
-        "scratch, gpt2 / gpt2-medium / ... (Hugging Face Hub), a Hugging Face GPT-2 folder, or a "
-        "checkpoint folder (default for --preset tiny: scratch)",
+        help="the model to fine-tune: auto (project 03's checkpoint, else a tiny random model; the "
+        "default), scratch (the default for --preset tiny), gpt2 / gpt2-medium / ... (Hugging Face "
+        "Hub), a Hugging Face GPT-2 folder, or a checkpoint folder",
     )
     p.add_argument(
         "--data",
-        type=Path,
         default=None,
-        help="JSON or JSONL records with instruction, input, output (default: Stanford Alpaca)",
+        help="JSON or JSONL records with instruction, input, output; or instruction-data (1,100 "
+        "records, downloaded once) (default: Stanford Alpaca)",
     )
-    p.add_argument(
-        "--out", type=Path, default=DEFAULT_DIR, help=f"checkpoint directory (default: {DEFAULT_DIR})"
-    )
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     p.add_argument("--pack", action="store_true", default=None, help="pack several examples into each row")
     add_device_args(p)
-    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: 1337)")
-    p.add_argument("--max-iters", type=positive_int, default=None, help="total optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="examples (or packed rows) per step")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
-    p.add_argument("--eval-interval", type=positive_int, default=None, help="evaluate and save every N steps")
-    p.add_argument(
-        "--eval-samples", type=non_negative_int, default=None, help="held-out answers in eval.json"
-    )
-    lora = p.add_argument_group("LoRA (fixed for a run: --resume keeps the recorded ones)")
-    lora.add_argument("--lora-r", type=positive_int, default=None, help="adapter rank (default: 8)")
-    lora.add_argument("--lora-alpha", type=positive_float, default=None, help="scale alpha/r (default: 16)")
-    lora.add_argument(
-        "--lora-dropout", type=fraction_below(1), default=None, help="on the adapter input (0.05)"
-    )
-    lora.add_argument(
-        "--lora-targets",
-        default=None,
-        help="comma-separated layer names to adapt (default: attn.qkv,attn.proj,mlp.fc,mlp.proj)",
-    )
+    add_config_flags(p, PRESETS, TRAIN_FLAGS)
+    add_config_flags(p, {"default": LoRAConfig()}, LORA_FLAGS, prefix="lora_")
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
     return args
 
 
-def resolve_config(args, saved: dict | None) -> tuple[str, TrainConfig]:
-    """Preset, then what a resumed checkpoint recorded, then explicit flags: later wins."""
-    preset = saved["training"]["preset"] if saved else args.preset or DEFAULT_PRESET
-    if saved and args.preset not in (None, preset):
-        raise UserError(f"the run in {args.out} uses the {preset} preset; --resume cannot change it")
-    tc = TrainConfig(**saved["training"]["train_config"]) if saved else PRESETS[preset]
-    flags = {
-        "seed": args.seed,
-        "max_iters": args.max_iters,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "pack": args.pack,
-        "eval_interval": args.eval_interval,
-        "eval_samples": args.eval_samples,
+def data_source(data: str | None) -> str | None:
+    """--data as recorded: a file as an absolute path (a resumed run finds it from anywhere), a name as is."""
+    return data if data is None or not Path(data).exists() else str(Path(data).resolve())
+
+
+def configure(args) -> tuple[str, TrainConfig, dict, LoRAConfig]:
+    """The run's preset, configs and metadata: a preset's, or what a resumed run recorded; then the flags.
+    Checked before anything is computed or written."""
+    saved = prepare_out(args.out, args.resume, args.overwrite)
+    if saved is None:
+        preset = args.preset or DEFAULT_PRESET
+        tc = override(PRESETS[preset], args, {**TRAIN_FLAGS, "pack": None})
+        init_from = args.init_from or ("scratch" if preset == "tiny" else "auto")
+        meta = {
+            "template": "alpaca",
+            "training": {"preset": preset, "init_from": init_from, "data": data_source(args.data)},
+        }
+        return preset, tc, meta, override(LoRAConfig(), args, LORA_FLAGS, prefix="lora_")
+    recorded = {
+        **saved["training"],
+        **saved["training"]["train_config"],
+        **{f"lora_{k}": v for k, v in saved["lora"].items()},
     }
-    return preset, replace(tc, **{k: v for k, v in flags.items() if v is not None})
+    refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
+    training = saved["training"]
+    if args.data is not None and data_source(args.data) != training["data"]:
+        raise UserError(
+            f"the run in {args.out} trained on {training['data'] or 'Alpaca'}; --resume continues "
+            "on the same data (its saved position points into it)"
+        )
+    tc = override(TrainConfig(**training["train_config"]), args, TRAIN_FLAGS)
+    if training["step"] >= tc.max_iters:
+        raise UserError(
+            f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
+            "--max-iters to train further (the cosine schedule is then stretched to it)"
+        )
+    meta = {k: saved[k] for k in ("template", "training", "base")}
+    return training["preset"], tc, meta, LoRAConfig.from_dict(saved["lora"])
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    refuse_non_checkpoint_out(args.out)
-    saved = read_config(args.out) if args.resume else None
-    if not args.resume and not args.overwrite and checkpoint_exists(args.out):
-        raise UserError(
-            f"{args.out} already holds a checkpoint; pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    if saved:
-        check_resume(args, saved)
-    preset, tc = resolve_config(args, saved)
+    preset, tc, meta, lora = configure(args)
+    training = meta["training"]
+    records, data_name = load_records(training["data"])
+    train_records, val_records = split_records(records)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-
-    # Everything the user gave us is checked before anything is written.
-    data_arg = args.data if args.data is not None else (saved["training"]["data"] if saved else None)
-    records, data_name = load_records(data_arg)
-    train_records, val_records = split_records(records)
-
-    if saved:  # the same base again; the adapters' weights come from restore_run below
-        model, base = load_base(saved["base"]["init_from"], device)
-        lora_config = LoRAConfig.from_dict(saved["lora"])
-    else:
-        init_from = args.init_from or ("scratch" if preset == "tiny" else "auto")
-        model, base = load_base(init_from, device)
-        if (
-            Path(base).is_absolute() and Path(base) == args.out
-        ):  # saving would replace the model it starts from
-            raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
-        lora_config = lora_config_from(args)
+    model, training["init_from"] = load_base(training["init_from"], device, BASE)  # resumed: the same base
+    if Path(training["init_from"]) == args.out:  # saving would replace the model it starts from
+        raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
     fingerprint = base_fingerprint(model)  # NEW: the adapter is only meaningful on exactly this base
-    if saved and fingerprint != saved["base"]["fingerprint"]:
-        raise UserError(
-            f"the base model {base} has changed since the run in {args.out} started; "
-            "its adapter cannot continue on different weights"
-        )
-    model.config.dropout = tc.dropout
-    for m in model.modules():  # NEW: dropout on for fine-tuning (the base may have been trained without)
-        if isinstance(m, torch.nn.Dropout):
-            m.p = tc.dropout  # before apply_lora: the adapters' own dropout stays --lora-dropout
+    if args.resume and fingerprint != meta["base"]["fingerprint"]:
+        raise UserError(f"the base model {training['init_from']} has changed since the run in {args.out} "
+                        "started; its adapter cannot continue on different weights")  # fmt: skip
+    set_dropout(model, tc.dropout)  # before apply_lora: the adapters' own dropout stays --lora-dropout
     seed_everything(tc.seed)  # before apply_lora: --seed fixes the adapters' random A
-    apply_lora(model, lora_config)  # NEW: freeze everything, add trainable A and B to the target layers
+    apply_lora(model, lora)  # NEW: freeze everything, add trainable A and B to the target layers
+    meta.update(lora=lora.to_dict(), base={"init_from": training["init_from"], "fingerprint": fingerprint})
+    check_memory(step_memory(model.config, tc), device, f"a step of {tc.batch_size} rows")
     block_size = model.config.block_size
     train_examples = encode_examples(train_records, block_size, "training")
-    val_examples = encode_examples(val_records, block_size, "held-out")
     loader = SFTLoader(train_examples, tc.batch_size, block_size, tc.pack, tc.seed)
-    val_batches = eval_batches(val_examples, tc.batch_size)
+    val_batches = eval_batches(encode_examples(val_records, block_size, "held-out"), tc.batch_size)
 
     optimizer = make_optimizer(model, tc, device)
-    step, metrics, elapsed = 0, [], 0.0
-    meta = {
-        "tokenizer": {"type": "tiktoken", "name": "gpt2"},
-        "template": "alpaca",
-        "lora": lora_config.to_dict(),
-        "base": {"init_from": base, "fingerprint": fingerprint},
-        "training": {
-            "preset": preset,
-            "init_from": base,
-            "data": data_arg and str(Path(data_arg).resolve()),
-            "train_config": asdict(tc),
-            "device": device.type,
-        },
-    }
-    if saved:
-        step, metrics, elapsed = restore_run(args.out, model, optimizer, loader)
-        meta["training"]["val_loss_before"] = saved["training"]["val_loss_before"]
-        if step >= tc.max_iters:
-            raise UserError(
-                f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
-                "--max-iters to train further (the cosine schedule is then stretched to it)"
-            )
-    else:
-        before = response_loss(model, val_batches, device, dtype)
-        meta["training"]["val_loss_before"] = before
-        metrics.append({"step": 0, "val_loss": before})
-
+    step, metrics = restore_run(args.out, model, optimizer, loader) if args.resume else (0, [])
+    if not args.resume:
+        training["val_loss_before"] = response_loss(model, val_batches, device, dtype)
+        metrics.append({"step": 0, "val_loss": training["val_loss_before"]})
+    meta["tokenizer"] = {"type": "tiktoken", "name": "gpt2"}
+    training.update(train_config=asdict(tc), device=device.type)
+    trainable, total = trainable_parameters(model), model.num_params(non_embedding=False)
     print(
-        f"{preset} preset: LoRA r={lora_config.r} on {base} ({trainable_parameters(model):,} of "
-        f"{model.num_params(non_embedding=False):,} parameters trainable, "
-        f"{100 * trainable_parameters(model) / model.num_params(non_embedding=False):.2f}%) on "
-        f"{len(train_examples)} records of {data_name} ({len(val_examples)} held out); "
-        f"{tc.batch_size} {'packed rows' if tc.pack else 'examples'}/step; "
-        f"{device.type} {str(dtype).removeprefix('torch.')}; "
-        f"held-out response loss before: {meta['training']['val_loss_before']:.4f}"
+        f"{preset} preset: LoRA r={lora.r} on {training['init_from']} ({trainable:,} of {total:,} parameters "
+        f"trainable, {100 * trainable / total:.2f}%) on {len(train_examples)} records of {data_name}; "
+        f"{tc.batch_size} {'packed rows' if tc.pack else 'examples'}/step; {device.type} {dtype}"
     )
-    tokenizer = GPT2Tokenizer()
-    warn_cpu = device.type == "cpu" and preset == DEFAULT_PRESET and not saved and model.num_params() > 50e6
+    print(f"held-out response loss before: {training['val_loss_before']:.4f}")
+    slow = device.type == "cpu" and model.num_params() > 50e6
+    if slow:
+        print(
+            "warning: a model this size is slow to fine-tune on a CPU; project 03's --preset cpu model with "
+            "--preset cpu here takes minutes"
+        )
+
     bar = tqdm(total=tc.max_iters, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
-    start = time.perf_counter() - elapsed
+    start = time.perf_counter() - training.get("elapsed_s", 0.0)
     try:
         while step < tc.max_iters:
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
             loss, grad_norm = train_step(model, optimizer, loader, lr, tc, device, dtype)
             sync(device)
-            step += 1
+            step, dt = step + 1, time.perf_counter() - t0
             metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
-            bar.set_postfix(
-                loss=f"{loss:.4f}",
-                lr=f"{lr:.2e}",
-                norm=f"{grad_norm:.2f}",
-                step_s=f"{time.perf_counter() - t0:.2f}",
-            )
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", step_s=f"{dt:.2f}")
             bar.update()
-            if warn_cpu and step == 3:
-                warn_slow_cpu(bar, time.perf_counter() - t0, tc.max_iters - step)
+            if slow and step == 1:
+                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 val = response_loss(model, val_batches, device, dtype)
                 metrics.append({"step": step, "val_loss": val})
                 bar.write(f"step {step}: train loss {loss:.4f}, held-out response loss {val:.4f}")
-                meta["training"].update(step=step, train_loss=loss, val_loss=val)
-                files = {}
-                if step == tc.max_iters:  # what the fine-tuning did, in words: held-out answers
-                    files["eval.json"] = evaluation(model, tokenizer, val_records, meta, tc, device)
-                save_run(
-                    args.out, model, optimizer, loader, meta, metrics, time.perf_counter() - start, files
+                training.update(
+                    step=step, train_loss=loss, val_loss=val, elapsed_s=round(time.perf_counter() - start, 1)
                 )
+                files = (
+                    {"eval.json": evaluation(model, val_records, meta, tc, device)}
+                    if step == tc.max_iters
+                    else {}
+                )
+                save_run(args.out, model, optimizer, loader, meta, metrics, files)
     except KeyboardInterrupt:
         bar.close()
-        last = meta["training"].get("step") or (saved and saved["training"].get("step"))
-        if last:
-            print(
-                f"interrupted at step {step}; the last checkpoint (step {last}) is in {args.out}; "
-                "continue with --resume"
-            )
-        else:
-            print(f"interrupted at step {step}, before this run's first checkpoint; nothing was saved")
+        print(interrupted(step, training.get("step"), args.out))
         return 130
     bar.close()
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
     print(
-        f"done: held-out response loss {meta['training']['val_loss_before']:.4f} -> "
-        f"{meta['training']['val_loss']:.4f} after {step} steps; checkpoint and eval.json in {args.out}\n"
-        f"try it: {command('generate.py', *flags, '--instruction', repr('Name three primary colors.'))}"
+        f"done: held-out response loss {training['val_loss_before']:.4f} -> {training['val_loss']:.4f} after "
+        f"{step} steps; checkpoint and eval.json in {args.out}"
     )
+    print(f"try it: {command('generate.py', *flags, '--instruction', repr('Name three primary colors.'))}")
     return 0
 
 
-def evaluation(model: GPT, tokenizer, val_records: list[dict], meta: dict, tc: TrainConfig, device) -> bytes:
-    """eval.json: the held-out loss before and after, and greedy answers to the first held-out records
-    next to their reference outputs."""
-    model.eval()  # no dropout: the answers are the saved model's, the ones generate.py gives at temperature 0
-    answers = [
-        {
-            **{k: r[k] for k in ("instruction", "input")},
-            "reference": r["output"],
-            "response": answer(model, tokenizer, r, device),
-        }
-        for r in val_records[: tc.eval_samples]
-    ]
-    model.train()
-    report = {
-        "val_loss_before": meta["training"]["val_loss_before"],
-        "val_loss_after": meta["training"]["val_loss"],
-        "responses": answers,
-    }
-    return (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def check_resume(args, saved: dict) -> None:
-    """A resumed run continues exactly only on the same data."""
-    recorded = saved["training"].get("data")
-    if args.data is not None and str(Path(args.data).resolve()) != recorded:
-        raise UserError(
-            f"the run in {args.out} trained on {recorded or 'Alpaca'}; --resume continues "
-            "on the same data (its saved position points into it)"
-        )
-    if args.data is None and recorded and not Path(recorded).exists():
-        raise UserError(f"the run's data {recorded} (recorded in its config.json) is gone")
-    if args.init_from is not None:
-        raise UserError("--init-from starts a new run; --resume continues from the checkpoint in --out")
-    flags = {
-        "--batch-size": args.batch_size,
-        "--pack": getattr(args, "pack", None),
-        "--seed": args.seed,
-        "--lr": args.lr,
-    }
-    changed = [name for name, value in flags.items() if value is not None]
-    if changed:  # each would make the resumed run differ from the uninterrupted one
-        raise UserError(
-            f"{', '.join(changed)} cannot change when resuming (--resume continues the run exactly; "
-            "--max-iters, --eval-interval and --eval-samples may change)"
-        )
-    lora_flags = (args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    if any(f is not None for f in lora_flags):
-        raise UserError("--lora-* settings are fixed for a run; --resume continues with the recorded ones")
-
-
-def lora_config_from(args) -> LoRAConfig:
-    """LoRAConfig's defaults, overridden by the --lora-* flags given."""
-    flags = {
-        "r": args.lora_r,
-        "alpha": args.lora_alpha,
-        "dropout": args.lora_dropout,
-        "targets": args.lora_targets and tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-    }
-    return LoRAConfig(**{k: v for k, v in flags.items() if v is not None})
-
-
-def save_run(out: Path, model: GPT, optimizer, loader, meta, metrics, elapsed, files: dict) -> None:
+def save_run(out: Path, model: GPT, optimizer, loader, meta: dict, metrics: list, files: dict) -> None:
     """Checkpoint everything the next step depends on: weights, optimizer moments, data position, RNG."""
-    meta["training"]["elapsed_s"] = round(elapsed, 1)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
     state = {
         "step": metrics[-1]["step"],
         "optimizer": optimizer.state_dict(),
         "loader": loader.state_dict(),
-        "rng": rng,
-        "elapsed_s": elapsed,
+        "rng": rng_states(),
     }
-    files = {
-        "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics).encode(),
-        "loss_curve.png": plot_losses(metrics),
-        **files,
-    }
+    files = {"metrics.jsonl": metrics_file(metrics), "loss_curve.png": plot_losses(metrics), **files}
     save_checkpoint(out, model, meta, state, files)
 
 
-def restore_run(ckpt_dir: Path, model: GPT, optimizer, loader) -> tuple:
+def restore_run(ckpt_dir: Path, model: GPT, optimizer, loader) -> tuple[int, list]:
     """The inverse of save_run: afterwards the next steps compute exactly what an uninterrupted run would."""
     load_weights(model, ckpt_dir)
     state = load_train_state(ckpt_dir)
     optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    metrics_file = find_checkpoint(ckpt_dir) / "metrics.jsonl"
-    try:
-        lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-        metrics = [json.loads(line) for line in lines]
-    except ValueError as e:
-        raise UserError(f"{metrics_file} is corrupt ({e}); cannot resume from it") from e
-    return state["step"], metrics, state["elapsed_s"]
-
-
-def warn_slow_cpu(bar: tqdm, seconds_per_step: float, steps_left: int) -> None:
-    seconds = seconds_per_step * steps_left
-    duration = f"{seconds / 3600:.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
-    bar.write(
-        f"warning: the {DEFAULT_PRESET} preset is sized for a GPU; on this CPU it will take about "
-        f"{duration} ({seconds_per_step:.2f} s/step measured). --preset cpu or tiny are smaller."
-    )
+    restore_rng_states(state["rng"])
+    return state["step"], read_metrics(ckpt_dir)
 
 
 if __name__ == "__main__":
