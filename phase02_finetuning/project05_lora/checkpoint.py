@@ -288,7 +288,8 @@ def load_base(init_from: str, device, default: Path, flag: str = "--init-from") 
         return model, str(path.resolve()) if path.is_dir() else init_from
     if not checkpoint_exists(path):
         raise UserError(
-            f"{flag} {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, nor one of {', '.join(GPT2_MODELS)}"
+            f"{flag} {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, nor one of "
+            + ", ".join(GPT2_MODELS)
         )
     if "lora" in read_config(path, tokenizer="tiktoken"):  # before any weights are read
         merge = command("merge.py", "--checkpoint", str(path))
