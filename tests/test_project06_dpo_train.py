@@ -117,12 +117,12 @@ def test_the_three_references_give_the_same_loss_as_the_starting_model():
     policy = P.checkpoint.load_base("scratch", CPU, P.checkpoint.DEFAULT_DIR)[0]
     P.lora.apply_lora(policy, P.lora.LoRAConfig(dropout=0.0))  # B = 0: still the starting model
     amp = contextlib.nullcontext()
-    refs = {mode: P.train.Reference(mode, policy, pairs, 3, CPU, amp) for mode in ("model", "precomputed")}
+    refs = {mode: P.dpo.Reference(mode, policy, pairs, 3, CPU, amp) for mode in ("model", "precomputed")}
     with torch.no_grad():  # now the policy moves away from the reference
         gen = torch.Generator().manual_seed(0)
         for layer in P.lora.lora_layers(policy):
             layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=gen))
-    refs["lora"] = P.train.Reference("lora", policy, pairs, 3, CPU, amp)
+    refs["lora"] = P.dpo.Reference("lora", policy, pairs, 3, CPU, amp)
     policy.eval()
     batch = P.preference.PairLoader(pairs, batch_size=4, seed=1).next_batch()
     assert batch["index"].tolist() != [0, 1, 2, 3]  # the precomputed table is looked up by pair, not row
@@ -173,7 +173,7 @@ def test_eval_json_answers_the_first_held_out_prompts(dpo_run, data_file):
     report = json.loads((dpo_run / "eval.json").read_text())
     _, val = P.data.split_records(P.preference.load_preference_records(data_file)[0])
     model, _ = P.checkpoint.load_checkpoint(dpo_run)
-    tokenizer = P.data.GPT2Tokenizer()
+    tokenizer = P.tokenizer.GPT2Tokenizer()
     assert len(report["responses"]) == 2  # --eval-samples
     for r, record in zip(report["responses"], val):
         assert r == {
@@ -286,12 +286,12 @@ def test_init_from_an_sft_checkpoint_makes_it_the_reference(data_file, tmp_path)
 
 
 def test_auto_without_a_project04_checkpoint_falls_back_to_scratch(data_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(P.checkpoint, "BASE_DIR", tmp_path / "project04_sft")
+    monkeypatch.setattr(P.train, "BASE", tmp_path / "project04_sft")
     rc = train_tiny("--data", data_file, "--out", tmp_path / "out", "--init-from", "auto", "--max-iters", 1)
     assert rc == 0
     out = capsys.readouterr().out
     assert f"note: no checkpoint in {tmp_path / 'project04_sft'}" in out
-    assert "Train project 04 first" in out
+    assert "Train project04_sft first" in out
     assert config_of(tmp_path / "out")["base"]["init_from"] == "scratch"
 
 
@@ -318,7 +318,7 @@ def test_benchmark_writes_the_results_schema(dpo_run, tmp_path):
     for mode in ("model", "precomputed", "lora"):
         step = rows[("step_ms", f"ref-{mode}")]
         assert step["unit"] == "ms" and step["value"] > 0
-        assert rows[("peak_memory_mb", f"ref-{mode}")]["value"] is None  # measured on CUDA only
+        assert rows[("peak_memory_mib", f"ref-{mode}")]["value"] is None  # measured on CUDA only
     for mode in ("precomputed", "lora"):  # each measured against the frozen copy, a variant of the table
         assert rows[("step_ms", f"ref-{mode}")]["baseline"] == "ref-model"
     assert "baseline" not in rows[("step_ms", "ref-model")]

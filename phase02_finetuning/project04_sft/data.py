@@ -299,15 +299,6 @@ class ShuffledLoader:
         self.pos += 1
         return self._order[self.pos - 1]
 
-    def _take(self):
-        return self.items[self._take_index()]
-
-    def _peek(self):
-        """The item _take() returns next, without taking it."""
-        if self.pos < len(self._order):
-            return self.items[self._order[self.pos]]
-        return self.items[self._order_for(self.epoch + 1)[0]]
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
@@ -323,6 +314,15 @@ class SFTLoader(ShuffledLoader):
     def __init__(self, examples: list[Example], batch_size: int, block_size: int, pack: bool, seed: int):
         super().__init__(examples, batch_size, seed)
         self.block_size, self.pack = block_size, pack
+
+    def _take(self):
+        return self.items[self._take_index()]
+
+    def _peek(self):
+        """The item _take() returns next, without taking it."""
+        if self.pos < len(self._order):
+            return self.items[self._order[self.pos]]
+        return self.items[self._order_for(self.epoch + 1)[0]]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self.pack:

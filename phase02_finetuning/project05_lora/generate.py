@@ -1,7 +1,7 @@
-"""Ask a LoRA-fine-tuned model to follow an instruction; it answers until it emits <|endoftext|>.
+"""Ask a fine-tuned model to follow an instruction; it answers until it emits <|endoftext|>.
 
-The checkpoint holds only the adapter; it is loaded onto the base model it records (or --base), and runs as
-base + adapter, or with --merge folded into the base weights first (the same outputs, no extra matmuls).
+A LoRA checkpoint holds only the adapter: it is loaded onto the base model it records (or --base), and runs
+as base + adapter, or with --merge folded into the base weights first (the same outputs, no extra matmuls).
 
 python generate.py --instruction "Name three primary colors."
 python generate.py --instruction "Translate to French." --input "Good morning"
@@ -40,9 +40,7 @@ DEFAULT_INSTRUCTION = "Give three tips for staying healthy."
 
 
 def parse_args(argv):
-    p = ArgumentParser(
-        description="Answer instructions with a LoRA adapter of this project on its base model."
-    )
+    p = ArgumentParser(description="Answer instructions with a checkpoint of this project (or its adapter).")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument(
         "--base",

@@ -1,8 +1,8 @@
 """Fold a LoRA adapter into its base model and save the result as an ordinary checkpoint: W + (alpha/r) B A
 in every adapted layer. The merged model runs at the base model's speed and loads anywhere a full checkpoint
-does (project 06 starts from it with --init-from).
+does (a later project can start from it with --init-from).
 
-python merge.py                                    # data/models/project05_lora -> ..._merged
+python merge.py                                    # data/models/<this project> -> ..._merged
 python merge.py --checkpoint /tmp/lora --out /tmp/lora-merged
 """
 

@@ -1,10 +1,11 @@
-"""Checkpoints: a directory written atomically, read without unpickling anything; and the base models that
-fine-tuning starts from.
+"""Checkpoints: a directory written atomically, read without unpickling anything, and the rules that keep a
+training run from ever destroying one by mistake; and the pre-trained model that fine-tuning starts from.
 
-model.safetensors     weights (safetensors: plain tensors, nothing executable), or, for a LoRA run:
-adapter.safetensors   NEW: the LoRA tensors alone (a few MB), with adapter_config.json naming their base
-config.json           model config, tokenizer name (tiktoken's "gpt2"), training metadata (+ lora, base)
-train_state.pt        optimizer, step, RNG states: what --resume needs (read with weights_only=True)
+model.safetensors   weights (safetensors: plain tensors, nothing executable), or, for a LoRA run:
+adapter.safetensors the LoRA tensors alone (a few MB), with adapter_config.json naming their base model
+config.json         the project that wrote it, the model config, the tokenizer, training metadata
+train_state.pt      optimizer, step, RNG states, data position: what --resume needs (weights_only=True)
+metrics.jsonl       every step's loss and every evaluation, and loss_curve.png drawn from them
 """
 
 import json
@@ -18,17 +19,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from cli import PROJECT, REPO_ROOT, UserError, command
-from data import EOT
 from hf import GPT2_MODELS, load_gpt2
 from lora import LoRAConfig, load_adapter, load_lora_tensors, lora_layers, save_adapter
 from model import GPT, GPTConfig
+from tokenizer import EOT
 
-DEFAULT_DIR = REPO_ROOT / "data" / "models" / PROJECT
-BASE_DIR = REPO_ROOT / "data" / "models" / "project04_sft"  # NEW: DPO starts from the SFT model
+MODELS_DIR = REPO_ROOT / "data" / "models"
+DEFAULT_DIR = MODELS_DIR / PROJECT
 FORMAT = 1
 # The model a run starts from when there is nothing to fine-tune (--init-from scratch, or no base found):
 # random weights, so it can learn the template's shape but hardly any language. Its context fits every
-# record of the local instruction file (at most 101 tokens).
+# record of the instruction-data file (at most 101 tokens).
 SCRATCH_MODEL = GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -44,7 +45,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        if lora_layers(model):  # NEW: the frozen base is already on disk; save only what was trained
+        if lora_layers(model):  # the frozen base is already on disk: save only what was trained
             save_adapter(tmp, model, LoRAConfig.from_dict(meta["lora"]), meta["base"])
         else:
             save_model(model, str(tmp / "model.safetensors"))  # handles the tied wte/lm_head weight
@@ -67,96 +68,46 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    ckpt_dir: Path, device: torch.device | str = "cpu", base: str | None = None
+    ckpt_dir: Path, device: torch.device | str = "cpu", tokenizer: str | None = None, base: str | None = None
 ) -> tuple[GPT, dict]:
     """Rebuild the model from config.json and fill in its weights. Returns (model in eval mode, config).
-    NEW: an adapter checkpoint is loaded onto its base model (the one recorded, or `base`)."""
-    config = read_config(ckpt_dir)
+    An adapter checkpoint is put on its base model: the one it records, or `base`."""
+    config = read_config(ckpt_dir, tokenizer)
     if "lora" in config:
-        try:
-            model, _ = load_base(base or config["base"]["init_from"], torch.device(device))
-        except UserError as e:  # load_base speaks of --init-from; here the base came from --base
-            raise UserError(str(e).replace("--init-from", "--base", 1) if base else str(e)) from e
+        recorded = config["base"]["init_from"]
+        model, _ = load_base(
+            base or recorded, torch.device(device), DEFAULT_DIR, "--base" if base else "its base"
+        )
         load_adapter(find_checkpoint(Path(ckpt_dir)), model)  # refuses a different base model
         return model.eval(), config
     try:
         model = GPT(GPTConfig(**config["model"]))
     except (TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"checkpoint {ckpt_dir} has a model config this project cannot read ({e})") from e
+        raise UserError(
+            _written_by_another_project(ckpt_dir, config)
+            or f"checkpoint {ckpt_dir} has a model config this project cannot read ({e})"
+        ) from e
     load_weights(model, ckpt_dir)
     return model.to(device).eval(), config
 
 
 def load_weights(model: GPT, ckpt_dir: Path) -> None:
     """Fill in a model's weights from a checkpoint: all of them, or (adapter checkpoints) its LoRA tensors."""
-    folder = find_checkpoint(Path(ckpt_dir))
-    if (folder / "adapter.safetensors").exists():
-        return load_lora_tensors(model, folder / "adapter.safetensors")
-    path = folder / "model.safetensors"
+    if (find_checkpoint(Path(ckpt_dir)) / "adapter.safetensors").exists():
+        return load_lora_tensors(model, find_checkpoint(Path(ckpt_dir)) / "adapter.safetensors")
+    path = find_checkpoint(Path(ckpt_dir)) / "model.safetensors"
     try:
         load_model(model, str(path), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path.parent} is corrupt or does not match its config ({reason})") from e
-
-
-def load_base(init_from: str, device: torch.device) -> tuple[GPT, str]:
-    """The pre-trained model to fine-tune, and a description. `init_from`: "auto" (project 04's checkpoint,
-    else a tiny random model), "scratch", gpt2/gpt2-medium/... (Hugging Face Hub), a folder in Hugging
-    Face's GPT-2 format, or one of this repository's checkpoints (a merged one from merge.py, say)."""
-    if init_from == "auto":
-        if checkpoint_exists(BASE_DIR):
-            init_from = str(BASE_DIR)
-        else:
-            print(
-                f"note: no fine-tuned checkpoint in {BASE_DIR}; aligning a randomly initialised tiny "
-                "model instead (it will learn the answers' shape, not language). Train project 04 first, or "
-                "pass --init-from gpt2"
-            )
-            init_from = "scratch"
-    if init_from == "scratch":
-        torch.manual_seed(0)  # the same random base every time: an adapter can be loaded back onto it
-        return GPT(SCRATCH_MODEL).to(device), "scratch"
-    path = Path(init_from)
-    if init_from in GPT2_MODELS or (path / "config.json").exists() and "model_type" in _json(path):
-        try:
-            model = load_gpt2(init_from, cache_dir=REPO_ROOT / "data" / "hf").to(device)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"--init-from {init_from}: {str(e).splitlines()[0]}") from e
-        check_vocab(model, f"--init-from {init_from}")
-        # A folder is recorded as an absolute path, like a checkpoint: benchmark.py reloads it from anywhere.
-        return model, str(path.resolve()) if path.is_dir() else init_from
-    if not checkpoint_exists(path):
+        other = _written_by_another_project(path.parent, read_config(path.parent))
         raise UserError(
-            f"--init-from {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, "
-            f"nor one of {', '.join(GPT2_MODELS)}"
-        )
-    config = read_config(path)  # checked before any weights are read
-    if config["tokenizer"].get("type") != "tiktoken":
-        raise UserError(f"--init-from {path} was not trained on tiktoken's GPT-2 tokens")
-    if "lora" in config:
-        merge = command("merge.py", "--checkpoint", str(path))
-        raise UserError(f"--init-from {path} is an adapter, not a whole model; merge it first: {merge}")
-    model, _ = load_checkpoint(path, device)
-    return model, str(path.resolve())
+            other or f"checkpoint {path.parent} is corrupt or does not match its config ({reason})"
+        ) from e
 
 
-def check_vocab(model: GPT, what: str) -> None:
-    """The records are GPT-2 tokens: a model with fewer rows cannot even embed them."""
-    if model.config.vocab_size < EOT + 1:
-        raise UserError(
-            f"{what} has a vocabulary of {model.config.vocab_size} tokens; GPT-2's tokens need {EOT + 1}"
-        )
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}/config.json is unreadable ({e})") from e
-
-
-def read_config(ckpt_dir: Path) -> dict:
+def read_config(ckpt_dir: Path, tokenizer: str | None = None) -> dict:
+    """config.json, checked; with `tokenizer`, also that the model was trained with that kind of tokenizer."""
     ckpt_dir = find_checkpoint(Path(ckpt_dir))
     try:
         config = json.loads((ckpt_dir / "config.json").read_text())
@@ -169,7 +120,21 @@ def read_config(ckpt_dir: Path) -> dict:
         or any(k not in config for k in required)
     ):
         raise UserError(f"checkpoint {ckpt_dir} has a config.json this project cannot read")
+    if tokenizer is not None and config["tokenizer"].get("type") != tokenizer:
+        raise UserError(
+            _written_by_another_project(ckpt_dir, config)
+            or f"{ckpt_dir} was not trained with this project's tokenizer ({tokenizer})"
+        )
     return config
+
+
+def _written_by_another_project(ckpt_dir: Path, config: dict) -> str | None:
+    """The message for a checkpoint that another project wrote, naming the script that reads it."""
+    project = config.get("project")
+    if project in (None, PROJECT):
+        return None
+    use = command("generate.py", "--checkpoint", str(ckpt_dir), project=project)
+    return f"{ckpt_dir} holds a {project} checkpoint, which {PROJECT} cannot load; use: {use}"
 
 
 def load_train_state(ckpt_dir: Path) -> dict:
@@ -177,21 +142,17 @@ def load_train_state(ckpt_dir: Path) -> dict:
     if not path.exists():
         raise UserError(f"{path.parent} has no train_state.pt to resume from (it holds weights only)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as e:
         raise UserError(f"{path} is corrupt ({type(e).__name__}); cannot resume from it") from e
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= state.keys():
+        raise UserError(f"{path} was written by an older version of this project; it cannot resume")
+    return state
 
 
 def checkpoint_exists(ckpt_dir: Path) -> bool:
     ckpt_dir = Path(ckpt_dir)
     return (ckpt_dir / "config.json").exists() or (_sibling(ckpt_dir, "old") / "config.json").exists()
-
-
-def refuse_non_checkpoint_out(out: Path) -> None:
-    """A non-empty folder (or a file) that holds no checkpoint is the user's, not ours to replace."""
-    taken = out.exists() and (out.is_file() or any(out.iterdir()))
-    if taken and not checkpoint_exists(out):
-        raise UserError(f"--out {out} exists and is not a checkpoint directory; choose a new or empty one")
 
 
 def find_checkpoint(ckpt_dir: Path) -> Path:
@@ -203,9 +164,148 @@ def find_checkpoint(ckpt_dir: Path) -> Path:
         return old
     out = [] if ckpt_dir.resolve() == DEFAULT_DIR.resolve() else ["--out", str(ckpt_dir)]
     raise UserError(
-        f"no checkpoint at {ckpt_dir}; train one first: "
-        f"{command('train.py', '--preset', 'tiny', '--data', 'FILE', *out)}"
+        f"no checkpoint at {ckpt_dir}; train one first, e.g. "
+        f"{command('train.py', '--preset', 'tiny', *out)} (see the README for its data)"
     )
+
+
+# --- a training run's folder --------------------------------------------------------------------------------
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> dict | None:
+    """The rules for train.py's --out, checked before any work: a folder of the user's is never touched, a
+    checkpoint is replaced only with --overwrite and only if this project wrote it, and --resume continues
+    only this project's runs. Returns the saved config when resuming, else None."""
+    if out.exists() and not checkpoint_exists(out) and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not a checkpoint directory; choose a new or empty one")
+    if resume:
+        config = read_config(out)
+        if config.get("project") != PROJECT:
+            use = command("train.py", "--resume", "--out", str(out), project=config.get("project", "?"))
+            raise UserError(
+                f"{out} holds a {config.get('project')} run; continue it with its own train.py: {use}"
+            )
+        return config
+    if checkpoint_exists(out):
+        if not overwrite:
+            raise UserError(
+                f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it"
+            )
+        owner = _project_of(out)
+        if owner not in (PROJECT, None):
+            raise UserError(
+                f"{out} holds a {owner} checkpoint; --overwrite replaces only {PROJECT}'s own. "
+                "Delete it yourself if you mean to, or choose another --out"
+            )
+        for adapter in adapters_built_on(out):
+            print(
+                f"warning: the adapter in {adapter} was trained on the model in {out}; once this run "
+                "replaces that model the adapter no longer loads (its base fingerprint changes)"
+            )
+    return None
+
+
+def _project_of(ckpt_dir: Path) -> str | None:
+    try:
+        return json.loads((find_checkpoint(ckpt_dir) / "config.json").read_text()).get("project")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: a torn checkpoint of unknown origin may be replaced
+
+
+def adapters_built_on(base_dir: Path) -> list[Path]:
+    """Checkpoints under data/models/ holding only an adapter (LoRA, project 05) for the model in base_dir."""
+    found = []
+    for config_file in sorted(MODELS_DIR.glob("*/config.json")):
+        try:
+            init_from = json.loads(config_file.read_text())["base"]["init_from"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (config_file.parent / "adapter.safetensors").exists() and Path(init_from) == base_dir.resolve():
+            found.append(config_file.parent)
+    return found
+
+
+def rng_states() -> dict:
+    """The random streams a training step draws from (dropout): saved so that a resumed run repeats them."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def metrics_file(metrics: list[dict]) -> bytes:
+    return "".join(json.dumps(m) + "\n" for m in metrics).encode()
+
+
+def read_metrics(ckpt_dir: Path) -> list[dict]:
+    path = find_checkpoint(Path(ckpt_dir)) / "metrics.jsonl"
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    except ValueError as e:
+        raise UserError(f"{path} is corrupt ({e}); cannot resume from it") from e
+
+
+def interrupted(step: int, last_saved: int | None, out: Path) -> str:
+    """What Ctrl-C cost: the steps since the last checkpoint, or, before the first one, everything."""
+    if last_saved:
+        return f"interrupted at step {step}; the last checkpoint (step {last_saved}) is in {out}: --resume it"
+    return f"interrupted at step {step}, before this run's first checkpoint; nothing was saved"
+
+
+# --- the model fine-tuning starts from ----------------------------------------------------------------------
+
+
+def load_base(init_from: str, device, default: Path, flag: str = "--init-from") -> tuple[GPT, str]:
+    """The pre-trained model to fine-tune, and how to find it again. `init_from`: "auto" (the checkpoint in
+    `default`, else a tiny random model), "scratch", gpt2 / gpt2-medium / ... (Hugging Face Hub), a folder in
+    Hugging Face's GPT-2 format, or one of this repository's checkpoints. Errors name it as `flag`."""
+    if init_from == "auto":
+        if checkpoint_exists(default):
+            init_from = str(default)
+        else:
+            print(
+                f"note: no checkpoint in {default}; starting from a randomly initialised tiny model instead "
+                f"(it learns the template, not language). Train {default.name} first (its --preset cpu on "
+                "a CPU), or pass --init-from gpt2"
+            )
+            init_from = "scratch"
+    if init_from == "scratch":
+        torch.manual_seed(0)  # the same random base every time
+        return GPT(SCRATCH_MODEL).to(device), "scratch"
+    path = Path(init_from)
+    if init_from in GPT2_MODELS or "model_type" in _json(path / "config.json"):  # Hugging Face's format
+        model = load_gpt2(init_from, cache_dir=REPO_ROOT / "data" / "hf").to(device)
+        if model.config.vocab_size < EOT + 1:  # the records are GPT-2 tokens: fewer rows cannot embed them
+            vocab = model.config.vocab_size
+            raise UserError(f"{flag} {init_from} has a vocabulary of {vocab} tokens; GPT-2 needs {EOT + 1}")
+        # A folder is recorded as an absolute path, like a checkpoint: benchmark.py reloads it from anywhere.
+        return model, str(path.resolve()) if path.is_dir() else init_from
+    if not checkpoint_exists(path):
+        raise UserError(
+            f"{flag} {init_from}: not a checkpoint, a Hugging Face GPT-2 folder, nor one of "
+            + ", ".join(GPT2_MODELS)
+        )
+    if "lora" in read_config(path, tokenizer="tiktoken"):  # before any weights are read
+        merge = command("merge.py", "--checkpoint", str(path))
+        raise UserError(
+            f"{flag} {path} is an adapter, not a whole model; merge it into its base first: {merge}"
+        )
+    model, _ = load_checkpoint(path, device, tokenizer="tiktoken")
+    return model, str(path.resolve())
+
+
+def _json(path: Path) -> dict:
+    """A JSON file's contents; {} if there is none."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e})") from e
 
 
 def _sibling(path: Path, suffix: str) -> Path:

@@ -1,7 +1,9 @@
-"""What every script shares: one-line errors with exit code 2, device and dtype choice, seeding."""
+"""What every script shares: one-line errors (exit code 2), argparse types, flags that override a preset,
+device and dtype, seeding, and a memory check before a run allocates. The same file in every project."""
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -12,22 +14,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PROJECT = "project06_dpo"
 HERE = Path(__file__).resolve().parent
+PROJECT = HERE.name  # taken from the folder, so that this file is byte-identical in every project
 REPO_ROOT = HERE.parents[1]
 
 
-def command(script: str, *flags: str) -> str:
-    """The shell command that runs one of this project's scripts from the current directory."""
-    return " ".join(["python", os.path.relpath(HERE / script), *flags])
+def project_folder(project: str) -> Path:
+    """The folder of any project in this repository, by name (e.g. "project03_pretrain")."""
+    return next(REPO_ROOT.glob(f"phase*/{project}"), REPO_ROOT / project)
 
 
-class UserError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2, no traceback."""
+def command(script: str, *flags: str, project: str = PROJECT) -> str:
+    """The shell command that runs a project's script from the current directory."""
+    return " ".join(["python", os.path.relpath(project_folder(project) / script), *flags])
+
+
+class UserError(ValueError):
+    """Bad input, with a message written for the user. Library modules raise it like any ValueError; the
+    scripts (exits_cleanly) report it as one line on stderr with exit code 2 and no traceback."""
+
+
+class _Help(argparse.HelpFormatter):
+    """--help shows each flag's default where it has one, from the one place that defines it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in (
+            action.help or ""
+        )
+        return f"{action.help} (default: %(default)s)" if shown else action.help or ""
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (exit 2) instead of a usage block."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_Help, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -40,7 +61,9 @@ def exits_cleanly(main: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
-        except UserError as e:
+        except (UserError, MemoryError, torch.OutOfMemoryError) as e:
+            if not isinstance(e, UserError):
+                e = f"out of memory ({str(e).strip().partition(chr(10))[0]}); use a smaller --batch-size"
             if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once, not once per process
                 print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever e holds
             return 2
@@ -49,6 +72,9 @@ def exits_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             return 130
 
     return wrapper
+
+
+# --- argparse types: a bad value is refused where it is parsed, with the flag's name ------------------------
 
 
 def positive_int(text: str) -> int:
@@ -72,29 +98,8 @@ def positive_float(text: str) -> float:
     return value
 
 
-def temperature(text: str) -> float:
-    value = float(text)
-    if not (value == 0 or 1e-3 <= value < float("inf")):  # tiny values overflow the softmax
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least 0.001, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def fraction_below(upper: float):
-    """An argparse type for a number in [0, upper): a dropout rate (upper 1), a label-smoothing rate (0.5)."""
+def fraction_below(upper: float) -> Callable[[str], float]:
+    """A number in [0, upper): a dropout rate (upper 1), a label-smoothing rate (upper 0.5)."""
 
     def parse(text: str) -> float:
         value = float(text)
@@ -105,12 +110,65 @@ def fraction_below(upper: float):
     return parse
 
 
+def temperature(text: str) -> float:
+    value = float(text)
+    if not (value == 0 or 1e-3 <= value < float("inf")):  # tiny values overflow the softmax
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least 0.001, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+# --- presets: a dataclass holds each default; a flag given on the command line overrides it -----------------
+
+
+def add_config_flags(parser: argparse.ArgumentParser, presets: dict, flags: dict, prefix: str = "") -> None:
+    """One --flag per dataclass field in `flags` ({field: (type, help)}), named --<prefix><field>. Its default
+    is None ("the preset's value"), and --help lists each preset's value, read from the presets themselves."""
+    for field, (type_, text) in flags.items():
+        values = ", ".join(f"{name} {getattr(config, field)}" for name, config in presets.items())
+        flag = "--" + (prefix + field).replace("_", "-")
+        parser.add_argument(flag, type=type_, default=None, help=f"{text} ({values})")
+
+
+def override(config, args: argparse.Namespace, flags: dict, prefix: str = ""):
+    """`config` with the fields whose flags were given on the command line replaced by them."""
+    given = {field: getattr(args, prefix + field) for field in flags}
+    return dataclasses.replace(
+        config, **{field: value for field, value in given.items() if value is not None}
+    )
+
+
+def refuse_changes_on_resume(args: argparse.Namespace, recorded: dict, names: tuple[str, ...]) -> None:
+    """--resume continues a run exactly: a flag in `names` given with another value than the run recorded
+    is refused, by name (giving the same value again is harmless)."""
+    changed = []
+    for name in names:
+        given, was = getattr(args, name), recorded.get(name)
+        if given is not None and given != (tuple(was) if isinstance(was, list) else was):
+            changed.append("--" + name.replace("_", "-"))
+    if changed:
+        flags = ", ".join(changed)
+        raise UserError(
+            f"{flags} cannot change when resuming: --resume continues the run exactly (--max-iters "
+            "and how often it evaluates may change)"
+        )
+
+
+# --- device, precision, randomness ------------------------------------------------------------------------
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda", "mps"],
-        help="where to run; auto picks cuda, then mps, then cpu (default: auto)",
+        help="where to run; auto picks cuda, then mps, then cpu",
     )
     parser.add_argument(
         "--dtype",
@@ -160,3 +218,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still hand out, or None where we cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what the kernel could give without swapping
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), 0)
+    return kib * 1024 or None
+
+
+def check_memory(need_bytes: float, device: torch.device, what: str) -> None:
+    """Refuse, in one line, work that cannot fit, instead of being killed by the kernel part way in.
+    `need_bytes` is a lower bound: a run refused here could never have finished."""
+    free = free_memory(device)
+    if device.type in ("cpu", "cuda") and free is not None and need_bytes > free:
+        raise UserError(
+            f"{what} needs at least {need_bytes / 2**30:.1f} GiB, but the {device.type} has "
+            f"{free / 2**30:.1f} GiB free; use a smaller --batch-size"
+        )

@@ -1,5 +1,5 @@
-"""Instruction data for supervised fine-tuning: Alpaca-format records (instruction, input, output), the prompt
-template, tokenization with a loss mask over the response, and batches padded or packed.
+"""Instruction data as project 04 reads it: Alpaca-format records (instruction, input, output), the prompt
+template, tokenization with a loss mask over the response, and padded batches (preference.py builds on it).
 
 A record becomes one token sequence:
 
@@ -7,22 +7,36 @@ A record becomes one token sequence:
      prompt: masked out of the loss (target -100)            trained            trained: learns to stop
 """
 
+import hashlib
 import json
 import os
 import random
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
+from tqdm import tqdm
 
 from cli import REPO_ROOT, UserError
+from tokenizer import EOT, gpt2_encoding
 
 DATA_DIR = REPO_ROOT / "data"
-ALPACA_FILE = DATA_DIR / "alpaca" / "alpaca.json"
-ALPACA_DATASET = "tatsu-lab/alpaca"  # Stanford Alpaca's 52,002 records, on the Hugging Face Hub
-EOT = 50256  # GPT-2's <|endoftext|>: ends every response, so generation knows when to stop
+# Small files for a first run, by name (--data instruction-data): LLMs-from-scratch's chapter 7 data
+# (Apache-2.0), 1,100 records each; the second adds a chosen and a rejected response to every record.
+LLMS_FROM_SCRATCH = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+NAMED_FILES = {  # name -> (URL, sha256)
+    "instruction-data": (
+        LLMS_FROM_SCRATCH + "01_main-chapter-code/instruction-data.json",
+        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+    ),
+    "instruction-data-with-preference": (
+        LLMS_FROM_SCRATCH + "04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+    ),
+}
 IGNORE = -100  # target id that F.cross_entropy skips (its default ignore_index)
 HELD_OUT = 0.1  # fraction of the records kept for evaluation, chosen by a fixed shuffle
 SPLIT_SEED = 0  # the held-out split never changes with --seed: before/after losses stay comparable
@@ -132,18 +146,29 @@ def download_records(dataset: str, path: Path, to_record, fields: str) -> Path:
     return path
 
 
-def download_alpaca() -> Path:
-    """Stanford Alpaca, saved once as data/alpaca/alpaca.json."""
-    fields = ("instruction", "input", "output")
-    return download_records(
-        ALPACA_DATASET, ALPACA_FILE, lambda r: {k: r[k] for k in fields}, "/".join(fields)
-    )
-
-
-def load_records(data: str | Path | None) -> tuple[list[dict], str]:
-    """(records, where they came from): --data FILE, or Alpaca (downloaded on first use)."""
-    path = Path(data) if data is not None else download_alpaca()
-    return check_records(read_records(path), str(path)), path.name
+def download_named(name: str) -> Path:
+    """One of NAMED_FILES, downloaded once into data/<name>/<name>.json with a progress bar, its sha256
+    checked before the file appears under its real name."""
+    url, sha256 = NAMED_FILES[name]
+    dest = DATA_DIR / name / f"{name}.json"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                while chunk := response.read(1 << 16):
+                    bar.update(f.write(chunk))
+        if hashlib.sha256(tmp.read_bytes()).hexdigest() != sha256:
+            raise UserError(f"download of {url} is corrupt (its sha256 differs); run again")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"could not download {url} ({e}); pass a local JSON file with --data FILE") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -157,35 +182,6 @@ def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 # --- tokens and loss masks ------------------------------------------------------------------------------
-
-_encoding: tiktoken.Encoding | None = None
-
-
-def gpt2_encoding() -> tiktoken.Encoding:
-    """GPT-2's tokenizer, as tiktoken ships it (project 02 showed ours gives the same ids)."""
-    global _encoding
-    if _encoding is None:
-        try:
-            _encoding = tiktoken.get_encoding("gpt2")
-        except (OSError, ValueError) as e:  # requests' errors are OSErrors; a bad download is a ValueError
-            raise UserError(
-                f"cannot load tiktoken's GPT-2 encoding ({e}); it is downloaded once into tiktoken's cache "
-                "(TIKTOKEN_CACHE_DIR) and needs the internet that first time"
-            ) from e
-    return _encoding
-
-
-class GPT2Tokenizer:
-    """tiktoken's GPT-2 encoding behind the two methods generate.py uses."""
-
-    def __init__(self):
-        self.enc = gpt2_encoding()
-
-    def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)  # a literal "<|endoftext|>" typed by a user is plain text
-
-    def id_to_bytes(self, token_id: int) -> bytes:
-        return self.enc.decode_single_token_bytes(token_id)
 
 
 @dataclass
@@ -201,21 +197,6 @@ def encode_example(record: dict) -> Example:
     prompt = enc.encode_ordinary(format_prompt(record["instruction"], record["input"]))
     response = enc.encode_ordinary(record["output"])
     return Example(np.array([*prompt, *response, EOT], dtype=np.int64), len(prompt))
-
-
-def encode_examples(records: list[dict], block_size: int, what: str) -> list[Example]:
-    """Tokenize records; drop (with a warning) those longer than the context, since cutting one would cut
-    off its end-of-text and teach the model never to stop."""
-    examples = [encode_example(r) for r in records]
-    fits = [e for e in examples if len(e.ids) - 1 <= block_size]  # inputs are ids[:-1]
-    if not fits:
-        raise UserError(f"every {what} record is longer than the model's context ({block_size} tokens)")
-    if len(fits) < len(examples):
-        print(
-            f"warning: dropped {len(examples) - len(fits)} of {len(examples)} {what} records longer than "
-            f"the context ({block_size} tokens)"
-        )
-    return fits
 
 
 def inputs_and_targets(e: Example) -> tuple[np.ndarray, np.ndarray]:
@@ -241,24 +222,6 @@ def pad_batch(examples: list[Example]) -> dict[str, torch.Tensor]:
     return {"x": x, "y": y}
 
 
-def pack_batch(rows: list[list[Example]]) -> dict[str, torch.Tensor]:
-    """NEW (--pack): several examples share a row of block_size tokens, so little compute goes to padding.
-    `segments` numbers the examples within a row; the model lets a token attend only inside its own
-    example and restarts positions at each, so a packed example sees exactly what it would alone."""
-    T = max(sum(len(e.ids) - 1 for e in row) for row in rows)  # at most block_size, by construction
-    x = torch.full((len(rows), T), EOT, dtype=torch.long)
-    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    segments = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: the padding at the end
-    for r, row in enumerate(rows):
-        t = 0
-        for s, e in enumerate(row):
-            xi, yi = inputs_and_targets(e)
-            x[r, t : t + len(xi)], y[r, t : t + len(yi)] = torch.from_numpy(xi), torch.from_numpy(yi)
-            segments[r, t : t + len(xi)] = s
-            t += len(xi)
-    return {"x": x, "y": y, "segments": segments}
-
-
 class ShuffledLoader:
     """Items in a shuffled order that changes every epoch. The order is a function of (seed, epoch) only, so
     the position in the data is two integers: a resumed run reads exactly the batches it would have read."""
@@ -280,45 +243,9 @@ class ShuffledLoader:
         self.pos += 1
         return self._order[self.pos - 1]
 
-    def _take(self):
-        return self.items[self._take_index()]
-
-    def _peek(self):
-        """The item _take() returns next, without taking it."""
-        if self.pos < len(self._order):
-            return self.items[self._order[self.pos]]
-        return self.items[self._order_for(self.epoch + 1)[0]]
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._order_for(self.epoch)
-
-
-class SFTLoader(ShuffledLoader):
-    """Batches of examples: batch_size rows, each one example (padded) or, with pack=True, as many whole
-    examples as fit in block_size tokens."""
-
-    def __init__(self, examples: list[Example], batch_size: int, block_size: int, pack: bool, seed: int):
-        super().__init__(examples, batch_size, seed)
-        self.block_size, self.pack = block_size, pack
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if not self.pack:
-            return pad_batch([self._take() for _ in range(self.batch_size)])
-        rows = []
-        for _ in range(self.batch_size):
-            row = [self._take()]
-            used = len(row[0].ids) - 1
-            while used + len(self._peek().ids) - 1 <= self.block_size:  # whole examples only: never split one
-                row.append(self._take())
-                used += len(row[-1].ids) - 1
-            rows.append(row)
-        return pack_batch(rows)
-
-
-def eval_batches(examples: list[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """The held-out set in a fixed order, padded: every evaluation scores exactly the same tokens."""
-    return [pad_batch(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]

@@ -1,14 +1,14 @@
-"""Ask the DPO-aligned model to follow an instruction; it answers until it emits <|endoftext|>.
+"""Ask a fine-tuned model to follow an instruction; it answers until it emits <|endoftext|>.
 
-The checkpoint holds the whole model, or after `train.py --lora` only the adapter: that is loaded onto the
-model it records (or --base) and runs as base + adapter, or with --merge folded into the weights first.
+A LoRA checkpoint holds only the adapter: it is loaded onto the base model it records (or --base), and runs
+as base + adapter, or with --merge folded into the base weights first (the same outputs, no extra matmuls).
 
 python generate.py --instruction "Name three primary colors."
-python generate.py --merge --instruction "Name three primary colors."   # a --lora run, merged into W
 python generate.py --instruction "Translate to French." --input "Good morning"
 python generate.py --interactive                      # a chat: earlier turns stay in the context
 python generate.py --prompt "Once upon a time"        # plain continuation, no template
 python generate.py --init-from gpt2 --instruction ... # the base model, for comparison
+python generate.py --merge --instruction "Name three primary colors."   # adapter merged into W
 """
 
 import codecs
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint, read_config
+from checkpoint import DEFAULT_DIR, load_base, load_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -31,31 +31,29 @@ from cli import (
     probability,
     temperature,
 )
-from data import DATA_DIR, EOT, GPT2Tokenizer, format_prompt
-from hf import load_gpt2
+from data import format_prompt
 from lora import merge_and_unload
 from model import GPT
+from tokenizer import EOT, GPT2Tokenizer
 
 DEFAULT_INSTRUCTION = "Give three tips for staying healthy."
 
 
 def parse_args(argv):
-    p = ArgumentParser(
-        description="Answer instructions with a DPO checkpoint (project 06), whole or an adapter."
-    )
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"(default: {DEFAULT_DIR})")
+    p = ArgumentParser(description="Answer instructions with a checkpoint of this project (or its adapter).")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument(
         "--base",
         default=None,
-        help="load the adapter onto this base (a checkpoint, a Hugging Face folder or gpt2) instead of the "
-        "one it records; it must have the same weights",
+        help="load the adapter onto this base (a checkpoint, a Hugging Face folder or gpt2) instead "
+        "of the one it records; it must have the same weights",
     )
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights first")
     p.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, ... (Hugging Face Hub) or a local Hugging Face "
-        "GPT-2 folder (for the model before DPO, pass project 04's checkpoint as --checkpoint)",
+        "GPT-2 folder, to compare with the model before fine-tuning",
     )
     p.add_argument(
         "--instruction", default=None, help=f"what to do, in the template (default: {DEFAULT_INSTRUCTION!r})"
@@ -63,11 +61,11 @@ def parse_args(argv):
     p.add_argument("--input", default="", help="optional context for the instruction")
     p.add_argument("--prompt", default=None, help="continue this text as is, without the template")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="at most this many tokens")
-    p.add_argument("--temperature", type=temperature, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
-    p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--seed", type=non_negative_int, default=1337)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="answers to the instruction")
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
     p.add_argument("--interactive", action="store_true", help="chat on stdin until EOF or 'quit'")
     add_device_args(p)
@@ -118,20 +116,9 @@ def respond(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, 
 
 
 def load_model(args, device) -> GPT:
-    if args.init_from:  # GPT-2's own weights (hf.py), to see what fine-tuning changed
-        try:
-            model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"--init-from {args.init_from}: {str(e).splitlines()[0]}") from e
-        if model.config.vocab_size < EOT + 1:  # the prompt is GPT-2 tokens: fewer rows cannot embed them
-            raise UserError(
-                f"--init-from {args.init_from} has a vocabulary of {model.config.vocab_size} tokens; "
-                f"GPT-2's tokens need {EOT + 1}"
-            )
-        return model
-    if read_config(args.checkpoint)["tokenizer"].get("type") != "tiktoken":  # before its weights fail to fit
-        raise UserError(f"{args.checkpoint} was not trained on tiktoken's GPT-2 tokens")
-    model, config = load_checkpoint(args.checkpoint, device, base=args.base)
+    if args.init_from:  # GPT-2's own weights or another base, to see what fine-tuning changed
+        return load_base(args.init_from, device, DEFAULT_DIR)[0].eval()
+    model, _ = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken", base=args.base)
     if args.merge:  # NEW: W <- W + (alpha/r) B A in every adapted layer: a plain GPT again
         merge_and_unload(model)
     return model

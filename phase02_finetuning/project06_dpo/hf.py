@@ -1,6 +1,8 @@
 """GPT-2 in Hugging Face's format, both ways: load OpenAI's released weights (124M to 1.5B) into our GPT, and
 save our GPT so that transformers.GPT2LMHeadModel.from_pretrained() reads it.
 
+    python hf.py --out gpt2-ours     # then transformers.GPT2LMHeadModel.from_pretrained("gpt2-ours")
+
 Two differences between the formats, besides the module names (h.0.attn.c_attn <-> blocks.0.attn.qkv):
 
 - Conv1D. OpenAI's GPT-2 code (TensorFlow) multiplied x @ W with W stored (in, out), and Hugging Face kept
@@ -22,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import UserError
+from cli import PROJECT, REPO_ROOT, ArgumentParser, UserError, exits_cleanly
 from model import GPT, GPTConfig
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
@@ -37,9 +39,8 @@ RENAMES = {
 CONV1D_WEIGHTS = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc.weight", ".mlp.proj.weight")  # our names
 
 
-class HFFormatError(UserError, ValueError):
-    """A checkpoint or config that our GPT cannot represent: a ValueError to callers, a one-line message
-    (exit code 2) in the scripts."""
+class HFFormatError(UserError):
+    """A checkpoint or config that our GPT cannot represent (a ValueError, like every UserError)."""
 
 
 def config_from_hf(hf_config: dict) -> GPTConfig:
@@ -196,7 +197,7 @@ def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None) -> GPT:
     if Path(name_or_path).is_dir():
         return load_hf_dir(name_or_path)
     if name_or_path not in GPT2_MODELS:
-        raise UserError(f"{name_or_path!r}: not a local folder nor one of {', '.join(GPT2_MODELS)}")
+        raise UserError(f"{name_or_path!r} is neither a local folder nor one of {', '.join(GPT2_MODELS)}")
     from huggingface_hub import snapshot_download  # imported here: only this path needs the Hub
 
     repo_id = f"openai-community/{name_or_path}"  # where the bare names "gpt2", ... now redirect to
@@ -210,3 +211,24 @@ def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None) -> GPT:
             "pass a local folder with config.json and model.safetensors instead"
         ) from e
     return load_hf_dir(folder)
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    from checkpoint import load_checkpoint  # here, not at the top: checkpoint.py imports this module later on
+
+    p = ArgumentParser(description="Export a checkpoint of this project to Hugging Face's GPT-2 format.")
+    p.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "data" / "models" / PROJECT,
+                   help="a checkpoint written by train.py")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="folder for config.json and model.safetensors")
+    args = p.parse_args(argv)
+    if args.out.exists() and (args.out.is_file() or any(args.out.iterdir())):
+        raise UserError(f"--out {args.out} exists and is not empty; choose a new folder")
+    model, _ = load_checkpoint(args.checkpoint, tokenizer="tiktoken")
+    save_hf_dir(model, args.out)
+    print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

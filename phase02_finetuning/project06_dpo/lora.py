@@ -100,13 +100,6 @@ class LoRALinear(nn.Linear):
             self.weight.copy_(self.weight.float() + self.delta_weight())  # NEW: W <- W + scaling B A
             self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge(). Exact only up to rounding: (W + d) - d may differ from W in the last bit."""
-        if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight())  # NEW: W <- W - scaling B A
-            self.merged = False
-
     def extra_repr(self) -> str:
         r = self.lora_A.shape[0]
         return f"{super().extra_repr()}, r={r}, scaling={self.scaling}, merged={self.merged}"
@@ -153,22 +146,12 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def merge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model):
-        layer.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model):
-        layer.unmerge()
-
-
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Inside, the model is its frozen base: DPO's reference model without a second copy of the weights."""
+    """NEW: inside, the model is its frozen base: DPO's reference model without a second copy of weights."""
     layers = lora_layers(model)
     if any(layer.merged for layer in layers):
-        raise RuntimeError("adapters are merged into the weights; unmerge_lora(model) first")
+        raise RuntimeError("adapters are merged into the weights; disable them before merging")
     try:
         for layer in layers:
             layer.adapters_enabled = False

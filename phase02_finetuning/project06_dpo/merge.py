@@ -1,27 +1,21 @@
-"""Fold a LoRA adapter (from `train.py --lora`) into its base model and save the result as an ordinary
-checkpoint: W + (alpha/r) B A in every adapted layer, at the base model's speed, loadable anywhere a full
-checkpoint is.
+"""Fold a LoRA adapter into its base model and save the result as an ordinary checkpoint: W + (alpha/r) B A
+in every adapted layer. The merged model runs at the base model's speed and loads anywhere a full checkpoint
+does (a later project can start from it with --init-from).
 
-python merge.py                                    # data/models/project06_dpo -> ..._merged
+python merge.py                                    # data/models/<this project> -> ..._merged
 python merge.py --checkpoint /tmp/lora --out /tmp/lora-merged
 """
 
 from pathlib import Path
 
-from checkpoint import (
-    DEFAULT_DIR,
-    checkpoint_exists,
-    load_checkpoint,
-    refuse_non_checkpoint_out,
-    save_checkpoint,
-)
+from checkpoint import DEFAULT_DIR, checkpoint_exists, load_checkpoint, prepare_out, save_checkpoint
 from cli import ArgumentParser, UserError, command, exits_cleanly
 from lora import merge_and_unload
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Merge a LoRA adapter into its base model; save a full checkpoint.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help=f"adapter (default: {DEFAULT_DIR})")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="an adapter written by train.py")
     p.add_argument("--out", type=Path, default=None, help="where to save (default: <checkpoint>_merged)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     args = p.parse_args(argv)
@@ -33,9 +27,11 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    refuse_non_checkpoint_out(args.out)
     if checkpoint_exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} already holds a checkpoint; pass --overwrite to replace it")
+    prepare_out(
+        args.out, resume=False, overwrite=True
+    )  # a user's folder, another project's checkpoint: refused
     model, config = load_checkpoint(args.checkpoint)
     if "lora" not in config:
         raise UserError(f"{args.checkpoint} holds a full model, not an adapter; nothing to merge")

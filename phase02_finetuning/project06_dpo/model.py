@@ -1,7 +1,5 @@
 """GPT-2 in one file: embeddings, causal self-attention, MLP, blocks, and sampling. The defaults are GPT-2
-small (124M parameters); attention runs through PyTorch's fused scaled_dot_product_attention. New for
-fine-tuning: targets of -100 are left out of the loss, and packed rows (several examples in one row) get
-per-example positions and attention.
+small (124M parameters); attention runs through PyTorch's fused scaled_dot_product_attention.
 
 Shapes in comments: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = head size (C // nh),
 V = vocab_size.
@@ -51,8 +49,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), diagonal=1)
             self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: None for plain causal attention, or (B, 1, T, T) bool, True where a query may attend."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         # Split C into heads: each head attends on its own hs-wide slice.
@@ -61,22 +58,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.flash:  # NEW: one fused kernel; it never materialises the (T, T) score matrix on GPUs
             dropout = self.attn_dropout.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
-            )  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
         else:
-            y = self._explicit_attention(q, k, v, mask)
+            y = self._explicit_attention(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
-    def _explicit_attention(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(hs) + causal mask) v, step by step, as in project 01."""
         T = q.size(-2)
         # Scores: how much each query matches each key. Dividing by sqrt(hs) keeps their variance near 1, so
         # the softmax does not saturate as heads get wider.
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
-        hidden = self.causal_mask[:T, :T] if mask is None else ~mask
-        scores = scores.masked_fill(hidden, float("-inf"))
+        scores = scores.masked_fill(self.causal_mask[:T, :T], float("-inf"))
         weights = F.softmax(scores, dim=-1)  # each row sums to 1 over the visible past
         weights = self.attn_dropout(weights)
         return weights @ v  # (B, nh, T, hs): a weighted sum of the values
@@ -106,10 +100,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalising the branch input, not the residual stream, leaves a clean identity path from the
         # embeddings to the output: gradients reach early layers undiminished, so deep stacks train stably.
-        x = x + self.attn(self.ln_1(x), mask)
+        x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -150,30 +144,27 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss over
-        the targets that are not -100 (fine-tuning sets prompt and padding targets to -100).
-        segments: (B, T) example numbers of packed rows (data.pack_batch), or None."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
-        if segments is None:
-            pos, mask = torch.arange(T, device=idx.device), None  # (T,): broadcast over the batch
-        else:
-            pos, mask = packed_positions_and_mask(segments)  # (B, T), (B, 1, T, T)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, mask)
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, V): padding dropped
+        """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss."""
+        logits = self.lm_head(self.hidden(idx))[..., : self.config.vocab_size]  # (B, T, V): padding dropped
         loss = None
         if targets is not None:
             # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
             # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
-            # NEW: prompt and padding targets are -100: ignore_index leaves them out of the sum and the mean.
-            flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-            loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C); positions broadcast over the batch
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate_stream(
@@ -189,30 +180,12 @@ class GPT(nn.Module):
         project 08 removes that cost."""
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size :]  # past the context, slide: keep the newest tokens
-            logits, _ = self(window)
-            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            # Only the last position is sampled from, so only it goes through lm_head (at GPT-2's 50,257
+            # tokens that is the largest matmul of the step).
+            logits = self.lm_head(self.hidden(window)[:, -1, :])[:, : self.config.vocab_size]  # (B, V)
+            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """idx: (B, T) prompt. Returns (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
-        new = list(self.generate_stream(idx, max_new_tokens, **sampling))
-        return torch.cat([idx, *new], dim=1)
-
-
-def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NEW: for rows holding several examples (segments (B, T): 0, 0, 0, 1, 1, 2, ...), each token's position
-    within its own example, and the attention mask that keeps it inside that example: causal and same
-    segment. With both, a packed example's logits equal those it gets alone in a row."""
-    B, T = segments.shape
-    t = torch.arange(T, device=segments.device)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): True where an example begins
-    first = torch.cummax(torch.where(starts, t, 0), dim=1).values  # (B, T): where my example began
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    return t - first, (same & causal).unsqueeze(1)  # positions (B, T), mask (B, 1, T, T)
 
 
 def sample_next_token(

@@ -16,9 +16,11 @@ import torch
 from cli import UserError
 from data import (
     DATA_DIR,
+    NAMED_FILES,
     Example,
     ShuffledLoader,
     check_records,
+    download_named,
     download_records,
     encode_example,
     pad_batch,
@@ -77,8 +79,12 @@ def download_orca() -> Path:
 
 
 def load_preference_records(data: str | Path | None) -> tuple[list[dict], str]:
-    """(records, where they came from): --data FILE, or Intel/orca_dpo_pairs (downloaded on first use)."""
-    path = Path(data) if data is not None else download_orca()
+    """(records, where they came from): --data FILE, instruction-data-with-preference (1,100 records,
+    downloaded once), or Intel/orca_dpo_pairs (downloaded on first use)."""
+    if data is None:
+        path = download_orca()
+    else:
+        path = download_named(str(data)) if str(data) in NAMED_FILES else Path(data)
     return check_preference_records(read_records(path), str(path)), path.name
 
 
@@ -106,7 +112,10 @@ def encode_pairs(records: list[dict], block_size: int, what: str) -> list[PairEx
     pairs = [encode_pair(r) for r in records]
     fits = [p for p in pairs if max(len(p.chosen.ids), len(p.rejected.ids)) - 1 <= block_size]
     if not fits:
-        raise UserError(f"every {what} pair is longer than the model's context ({block_size} tokens)")
+        raise UserError(
+            f"every {what} pair is longer than the model's context ({block_size} tokens); start from a model "
+            "with a longer one: project 04 fine-tuned from project 03's --preset cpu (128 tokens) or gpt2"
+        )
     if len(fits) < len(pairs):
         print(
             f"warning: dropped {len(pairs) - len(fits)} of {len(pairs)} {what} pairs longer than the "
