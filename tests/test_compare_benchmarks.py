@@ -1,4 +1,5 @@
-"""compare_benchmarks.py reads every project's results/*.json into one table and an optional chart."""
+"""compare_benchmarks.py reads every project's results (published and the user's own) into one table per
+metric, and an optional chart."""
 
 import importlib.util
 import json
@@ -10,38 +11,61 @@ compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
 
-def write_report(root, project, device, rows):
-    folder = root / "phase01_foundation" / project / "results"
+def write_report(folder, project, device, rows, preset="default"):
     folder.mkdir(parents=True, exist_ok=True)
     info = {"type": device[0], "name": device[1], "torch": "2.13.0", "triton": None, "python": "3.11"}
     report = {"schema": 1, "project": project, "title": "t", "date": "2026-11-22T00:00:00Z", "device": info,
-              "preset": "default", "config": {}, "rows": rows}  # fmt: skip
+              "preset": preset, "config": {}, "rows": rows}  # fmt: skip
     (folder / f"{device[1].lower()}.json").write_text(json.dumps(report))
 
 
-def test_one_table_across_projects_with_filters_and_plot(tmp_path, capsys):
-    write_report(tmp_path, "project01_minimal_gpt", ("cpu", "EPYC"), [
+def tree(tmp_path):
+    published = tmp_path / "phase01_foundation" / "project01_minimal_gpt" / "results"
+    write_report(published, "project01_minimal_gpt", ("cpu", "EPYC"), [
         {"metric": "train_tok_per_s", "variant": "explicit attention", "value": 1234.5, "unit": "tok/s"},
-        {"metric": "peak_train_memory_mb", "variant": "explicit attention", "value": None, "unit": "MiB"},
-    ])  # fmt: skip
-    write_report(tmp_path, "project02_tokenizer", ("cuda", "H100"), [
-        {"metric": "train_tok_per_s", "variant": "bpe", "value": 9000.0, "unit": "tok/s",
-         "baseline": "chars", "ratio": 2.5}])  # fmt: skip
-    (tmp_path / "phase01_foundation" / "project02_tokenizer" / "results" / "broken.json").write_text("{")
+        {"metric": "peak_memory_mib", "variant": "explicit attention", "value": None, "unit": "MiB"},
+    ], preset="cpu")  # fmt: skip
+    yours = tmp_path / "data" / "benchmarks" / "project03_pretrain"
+    write_report(yours, "project03_pretrain", ("cuda", "H100"), [
+        {"metric": "train_tok_per_s", "variant": "bf16-sdpa", "value": 9000.0, "unit": "tok/s",
+         "baseline": "fp32-explicit", "ratio": 0.0045}])  # fmt: skip
+    (published / "broken.json").write_text("{")
+    return tmp_path
 
-    assert compare.main(["--root", str(tmp_path)]) == 0
+
+def test_one_table_per_metric_across_projects_and_sources(tmp_path, capsys):
+    root = tree(tmp_path)
+    assert compare.main(["--root", str(root), "--metric", "train_tok_per_s"]) == 0
     captured = capsys.readouterr()
-    assert "1,234" in captured.out and "9,000" in captured.out and "not measured" in captured.out
-    assert "2.50x vs chars" in captured.out
+    lines = captured.out.splitlines()
+    assert len(lines) == 4  # header, rule, one row per project
+    assert "1,234" in lines[2] and "published" in lines[2] and " cpu " in lines[2]  # the preset run, named
+    assert "9,000" in lines[3] and "yours" in lines[3]
+    assert "0.0045x vs fp32-explicit" in lines[3]  # a small ratio keeps its digits
     assert "broken.json" in captured.err
 
     png = tmp_path / "chart.png"
-    assert compare.main(["--root", str(tmp_path), "--metric", "train_tok_per_s", "--plot", str(png)]) == 0
+    assert compare.main(["--root", str(root), "--metric", "train_tok_per_s", "--plot", str(png)]) == 0
     assert png.read_bytes().startswith(b"\x89PNG")
     capsys.readouterr()
-
-    assert compare.main(["--root", str(tmp_path), "--device", "cuda"]) == 0
+    assert compare.main(["--root", str(root), "--device", "cuda"]) == 0
     out = capsys.readouterr().out
-    assert "project02_tokenizer" in out and "project01_minimal_gpt" not in out
-    assert compare.main(["--root", str(tmp_path), "--metric", "nothing"]) == 2
-    assert compare.main(["--root", str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    assert "project03_pretrain" in out and "project01_minimal_gpt" not in out
+
+
+def test_mistakes_are_refused_before_anything_is_printed(tmp_path, capsys):
+    root = tree(tmp_path)
+    capsys.readouterr()
+    assert compare.main(["--root", str(root), "--plot", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--metric" in captured.err
+    assert compare.main(["--root", str(root), "--metric", "nothing"]) == 2
+    assert "peak_memory_mib, train_tok_per_s" in capsys.readouterr().err  # says which metrics there are
+    assert (
+        compare.main(
+            ["--root", str(root), "--metric", "train_tok_per_s", "--plot", str(tmp_path / "no" / "x.png")]
+        )
+        == 2
+    )
+    assert compare.main(["--root", str(tmp_path / "empty")]) == 2
+    assert "run a project's benchmark.py" in capsys.readouterr().err
