@@ -46,6 +46,8 @@ from cli import (
     refuse_changes_on_resume,
     seed_everything,
     sync,
+    time_left,
+    warn_if_slow,
 )
 from data import CharTokenizer, get_batch, read_text, train_val_split
 from model import GPT, GPTConfig
@@ -254,12 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{preset} preset: {model.num_params() / 1e6:.2f}M parameters, vocabulary {mc.vocab_size}, "
         f"{len(train_ids):,} training tokens, {device.type} {str(dtype).removeprefix('torch.')}"
     )
-    slow = device.type == "cpu" and preset == DEFAULT_PRESET
-    if slow:
-        print(
-            f"warning: the {preset} preset is sized for a GPU; on a CPU it takes hours. --preset cpu is "
-            "sized for a CPU (about 20 minutes on 2 cores), --preset tiny runs in seconds"
-        )
+    slow = warn_if_slow(device, preset == DEFAULT_PRESET)
 
     bar = tqdm(total=tc.max_iters, initial=step, desc="training", unit="step", dynamic_ncols=True)
     start = time.perf_counter() - meta["training"].get("elapsed_s", 0.0)
@@ -275,16 +272,14 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tc.batch_size * mc.block_size / dt:,.0f}")
             bar.update()
             if slow and step == 1:
-                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
+                bar.write(time_left(dt, tc.max_iters - step))
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, dtype)
                 metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
                 bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                elapsed = round(time.perf_counter() - start, 1)
                 meta["training"].update(
-                    step=step,
-                    train_loss=losses["train"],
-                    val_loss=losses["val"],
-                    elapsed_s=round(time.perf_counter() - start, 1),
+                    step=step, train_loss=losses["train"], val_loss=losses["val"], elapsed_s=elapsed
                 )
                 save_run(args.out, model, optimizer, batch_gen, meta, metrics)
     except KeyboardInterrupt:
@@ -293,10 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     bar.close()
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
-    print(
-        f"done: val loss {meta['training']['val_loss']:.4f} after {step} steps; checkpoint in {args.out}\n"
-        f"sample from it: {command('generate.py', *flags)}"
-    )
+    print(f"done: val loss {meta['training']['val_loss']:.4f} after {step} steps; checkpoint in {args.out}")
+    print(f"sample from it: {command('generate.py', *flags)}")
     return 0
 
 

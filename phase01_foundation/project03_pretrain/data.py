@@ -52,7 +52,7 @@ def encode_text_file(path: Path) -> np.ndarray:
 
 
 def make_loaders(data: str | Path | None, batch_size: int, block_size: int, d):
-    """NEW: the training loader for this rank, a factory of fresh validation loaders (so every evaluation
+    """The training loader for this rank, a factory of fresh validation loaders (so every evaluation
     reads the same batches), and a description. `data`: a folder of shards from prepare.py (default:
     data/wikitext), or a text file, tokenized here and split 90/10."""
     path = Path(data) if data is not None else DEFAULT_SHARDS

@@ -1,4 +1,4 @@
-"""NEW: data parallelism with torchrun and DistributedDataParallel.
+"""Data parallelism with torchrun and DistributedDataParallel.
 
 Every process (one per GPU, or per CPU process with gloo) holds a full copy of the model and trains on its
 own slice of each batch. During backward, DDP averages the gradients across processes with an all-reduce,

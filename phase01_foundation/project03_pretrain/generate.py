@@ -70,7 +70,7 @@ def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str, block_size: int, device
 
 def sample(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, amp, stream) -> str:
     """One continuation of idx. With stream=True text is printed as soon as it forms whole characters."""
-    # NEW: a token is a run of bytes, and one character's UTF-8 bytes may be split across tokens (an emoji
+    # a token is a run of bytes, and one character's UTF-8 bytes may be split across tokens (an emoji
     # is 4 bytes, often 2-3 tokens). The incremental decoder holds an incomplete sequence back until the
     # next token completes it, so the stream never shows half a character.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -22,11 +22,11 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    flash: bool = True  # NEW: fused attention (F.scaled_dot_product_attention); False = written out
+    flash: bool = True  # fused attention (F.scaled_dot_product_attention); False = written out
 
     @property
     def padded_vocab_size(self) -> int:
-        """NEW: the embedding and output matrices get a multiple of 64 rows (50257 -> 50304): matmuls on
+        """The embedding and output matrices get a multiple of 64 rows (50257 -> 50304): matmuls on
         such shapes map onto GPU tiles without a ragged remainder. The extra rows are never predicted."""
         return -(-self.vocab_size // 64) * 64
 
@@ -56,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.flash:  # NEW: one fused kernel; it never materialises the (T, T) score matrix on GPUs
+        if self.flash:  # one fused kernel; it never materialises the (T, T) score matrix on GPUs
             dropout = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
         else:

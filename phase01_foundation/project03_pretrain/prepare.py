@@ -1,4 +1,4 @@
-"""NEW: tokenize a corpus once into GPT-2 token shards (shards.py) that train.py streams from.
+"""Tokenize a corpus once into GPT-2 token shards (shards.py) that train.py streams from.
 
 python prepare.py                          # WikiText-103 (~120M tokens) -> data/wikitext/
 python prepare.py --dataset fineweb-edu    # FineWeb-Edu sample-10BT (~10B tokens) -> data/fineweb-edu/

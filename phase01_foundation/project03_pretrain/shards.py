@@ -1,4 +1,4 @@
-"""NEW: token shards on disk, and the loader that streams contiguous batches out of them (llm.c style).
+"""Token shards on disk, and the loader that streams contiguous batches out of them (llm.c style).
 
 A pre-training corpus is billions of tokens: far too many to tokenize on every run or to hold in memory.
 prepare.py tokenizes it once into shards, files of a fixed number of tokens, and training memory-maps them:

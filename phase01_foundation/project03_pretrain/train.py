@@ -49,6 +49,8 @@ from cli import (
     refuse_changes_on_resume,
     seed_everything,
     sync,
+    time_left,
+    warn_if_slow,
 )
 from data import make_loaders
 from model import GPT, GPTConfig
@@ -324,18 +326,15 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     preset, mc, tc, meta = configure(args, d)
     accum = grad_accum_steps(tc, mc.block_size, d.world_size)
     dtype = pick_dtype(args.dtype, device)
-    train_loader, make_val_loader, data_desc = make_loaders(
-        meta["training"]["data"], tc.batch_size, mc.block_size, d
-    )
+    data = meta["training"]["data"]
+    train_loader, make_val_loader, data_desc = make_loaders(data, tc.batch_size, mc.block_size, d)
     check_memory(step_memory(mc, tc), device, f"a micro-batch of {tc.batch_size} x {mc.block_size} tokens")
 
     seed_everything(tc.seed + d.rank)
     raw_model = GPT(mc).to(device)
     optimizer = make_optimizer(raw_model, tc, device)
     step, metrics = restore_run(args.out, raw_model, optimizer, train_loader, d) if args.resume else (0, [])
-    model = (
-        torch.compile(raw_model) if args.compile else raw_model
-    )  # NEW: fuses kernels, cuts Python overhead
+    model = torch.compile(raw_model) if args.compile else raw_model  # NEW: fused kernels, less Python
     if d.enabled:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     meta["tokenizer"] = {"type": "tiktoken", "name": "gpt2"}
@@ -347,21 +346,9 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
             f"process(es) x {accum} micro-batch(es) of {tc.batch_size} x {mc.block_size} = "
             f"{tc.total_batch_tokens:,} tokens/step; {device.type} {str(dtype).removeprefix('torch.')}"
         )
-    slow = device.type == "cpu" and preset == DEFAULT_PRESET and d.is_main
-    if slow:
-        print(
-            f"warning: the {preset} preset is sized for a GPU; on a CPU it takes days. --preset cpu is sized "
-            "for a CPU (minutes), --preset tiny runs in seconds"
-        )
+    slow = d.is_main and warn_if_slow(device, preset == DEFAULT_PRESET)
 
-    bar = tqdm(
-        total=tc.max_iters,
-        initial=step,
-        desc="training",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not d.is_main,
-    )
+    bar = tqdm(total=tc.max_iters, initial=step, desc="training", unit="step", disable=not d.is_main)
     start = time.perf_counter() - meta["training"].get("elapsed_s", 0.0)
     try:
         while step < tc.max_iters:
@@ -381,16 +368,15 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
             bar.set_postfix(postfix)
             bar.update()
             if slow and step == 1:
-                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
+                bar.write(time_left(dt, tc.max_iters - step))
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 val = estimate_loss(model, make_val_loader, tc, device, dtype, d)
                 metrics.append({"step": step, "val_loss": val, "val_ppl": math.exp(val)})
                 bar.write(
                     f"step {step}: train loss {loss:.4f}, val loss {val:.4f}, perplexity {math.exp(val):.2f}"
                 )
-                meta["training"].update(
-                    step=step, train_loss=loss, val_loss=val, elapsed_s=round(time.perf_counter() - start, 1)
-                )
+                elapsed = round(time.perf_counter() - start, 1)
+                meta["training"].update(step=step, train_loss=loss, val_loss=val, elapsed_s=elapsed)
                 save_run(args.out, raw_model, optimizer, train_loader, meta, metrics, d)
     except KeyboardInterrupt:
         bar.close()

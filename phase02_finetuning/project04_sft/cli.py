@@ -61,7 +61,7 @@ def exits_cleanly(main: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
-        except (UserError, MemoryError, torch.OutOfMemoryError) as e:
+        except (UserError, MemoryError, torch.cuda.OutOfMemoryError) as e:  # the last: torch >= 1.13
             if not isinstance(e, UserError):
                 e = f"out of memory ({str(e).strip().partition(chr(10))[0]}); use a smaller --batch-size"
             if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once, not once per process
@@ -218,6 +218,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def warn_if_slow(device: torch.device, sized_for_a_gpu: bool) -> bool:
+    """Say, before the first step, that a run sized for a GPU will take hours on this CPU, and which preset
+    suits one. Returns whether to report the measured time after the first step (time_left)."""
+    slow = device.type == "cpu" and sized_for_a_gpu
+    if slow:
+        print(
+            "warning: this run is sized for a GPU and takes hours on a CPU; --preset cpu is sized for a CPU "
+            "(minutes), --preset tiny runs in seconds"
+        )
+    return slow
+
+
+def time_left(seconds_per_step: float, steps: int) -> str:
+    return f"measured {seconds_per_step:.1f} s/step: about {seconds_per_step * steps / 3600:.1f} hours to go"
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -43,7 +43,7 @@ IGNORE = -100  # target id that F.cross_entropy skips (its default ignore_index)
 HELD_OUT = 0.1  # fraction of the records kept for evaluation, chosen by a fixed shuffle
 SPLIT_SEED = 0  # the held-out split never changes with --seed: before/after losses stay comparable
 
-# NEW: the Alpaca prompt template (Taori et al. 2023). The model only ever sees instructions in this shape,
+# the Alpaca prompt template (Taori et al. 2023). The model only ever sees instructions in this shape,
 # so generate.py must wrap a user's instruction in exactly the same text.
 PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -211,7 +211,7 @@ class Example:
 
 
 def encode_example(record: dict) -> Example:
-    """NEW: prompt and response are encoded separately and concatenated, so the prompt's tokens are exactly
+    """Prompt and response are encoded separately and concatenated, so the prompt's tokens are exactly
     those generate.py will feed (BPE across the seam could otherwise merge differently)."""
     enc = gpt2_encoding()
     prompt = enc.encode_ordinary(format_prompt(record["instruction"], record["input"]))
@@ -261,7 +261,7 @@ def pad_batch(examples: list[Example]) -> dict[str, torch.Tensor]:
 
 
 def pack_batch(rows: list[list[Example]]) -> dict[str, torch.Tensor]:
-    """NEW (--pack): several examples share a row of block_size tokens, so little compute goes to padding.
+    """With --pack, several examples share a row of block_size tokens, so little compute goes to padding.
     `segments` numbers the examples within a row; the model lets a token attend only inside its own
     example and restarts positions at each, so a packed example sees exactly what it would alone."""
     T = max(sum(len(e.ids) - 1 for e in row) for row in rows)  # at most block_size, by construction

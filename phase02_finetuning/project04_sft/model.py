@@ -24,11 +24,11 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    flash: bool = True  # NEW: fused attention (F.scaled_dot_product_attention); False = written out
+    flash: bool = True  # fused attention (F.scaled_dot_product_attention); False = written out
 
     @property
     def padded_vocab_size(self) -> int:
-        """NEW: the embedding and output matrices get a multiple of 64 rows (50257 -> 50304): matmuls on
+        """The embedding and output matrices get a multiple of 64 rows (50257 -> 50304): matmuls on
         such shapes map onto GPU tiles without a ragged remainder. The extra rows are never predicted."""
         return -(-self.vocab_size // 64) * 64
 
@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if self.flash:  # NEW: one fused kernel; it never materialises the (T, T) score matrix on GPUs
+        if self.flash:  # one fused kernel; it never materialises the (T, T) score matrix on GPUs
             dropout = self.attn_dropout.p if self.training else 0.0
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
@@ -161,7 +161,7 @@ class GPT(nn.Module):
             # reshape, not view: the logits are a slice of the padded ones (and targets may be a slice too);
             # the copy costs memory traffic, while the padded lm_head matmul keeps its tile-aligned speed.
             flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
-            # NEW: prompt and padding targets are -100: ignore_index leaves them out of the sum and the mean.
+            # prompt and padding targets are -100: ignore_index leaves them out of the sum and the mean.
             loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
         return logits, loss
 
@@ -173,7 +173,7 @@ class GPT(nn.Module):
         if segments is None:
             pos, mask = torch.arange(T, device=idx.device), None  # (T,): broadcast over the batch
         else:
-            pos, mask = packed_positions_and_mask(segments)  # NEW: (B, T), (B, 1, T, T)
+            pos, mask = packed_positions_and_mask(segments)  # (B, T), (B, 1, T, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, mask)
@@ -238,7 +238,7 @@ def _nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NEW: for rows holding several examples (segments (B, T): 0, 0, 0, 1, 1, 2, ...), each token's position
+    """For rows holding several examples (segments (B, T): 0, 0, 0, 1, 1, 2, ...), each token's position
     within its own example, and the attention mask that keeps it inside that example: causal and same
     segment. With both, a packed example's logits equal those it gets alone in a row."""
     B, T = segments.shape

@@ -51,6 +51,8 @@ from cli import (
     refuse_changes_on_resume,
     seed_everything,
     sync,
+    time_left,
+    warn_if_slow,
 )
 from data import IGNORE, SFTLoader, encode_examples, eval_batches, format_prompt, load_records, split_records
 from model import GPT, GPTConfig
@@ -286,6 +288,20 @@ def configure(args) -> tuple[str, TrainConfig, dict, GPTConfig | None]:
     return training["preset"], tc, meta, GPTConfig(**saved["model"])
 
 
+def start_model(args, meta: dict, mc: GPTConfig | None, tc: TrainConfig, device) -> GPT:
+    """The model to fine-tune: the base it starts from (recorded in meta), or when resuming the checkpoint's
+    architecture (its weights come from restore_run)."""
+    training = meta["training"]
+    if mc is not None:
+        model = GPT(mc).to(device)
+    else:
+        model, training["init_from"] = load_base(training["init_from"], device, BASE)
+        if Path(training["init_from"]) == args.out:  # saving would replace the model it starts from
+            raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
+    set_dropout(model, tc.dropout)
+    return model
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -295,13 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     train_records, val_records = split_records(records)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    if mc is not None:  # resuming: the architecture from the checkpoint, its weights from restore_run below
-        model = GPT(mc).to(device)
-    else:
-        model, training["init_from"] = load_base(training["init_from"], device, BASE)
-        if Path(training["init_from"]) == args.out:  # saving would replace the model it starts from
-            raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
-    set_dropout(model, tc.dropout)
+    model = start_model(args, meta, mc, tc, device)
     check_memory(step_memory(model.config, tc), device, f"a step of {tc.batch_size} rows")
     block_size = model.config.block_size
     train_examples = encode_examples(train_records, block_size, "training")
@@ -322,12 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'packed rows' if tc.pack else 'examples'}/step; {device.type} {str(dtype).removeprefix('torch.')}"
     )
     print(f"held-out response loss before: {training['val_loss_before']:.4f}")
-    slow = device.type == "cpu" and model.num_params() > 50e6
-    if slow:
-        print(
-            "warning: a model this size is slow to fine-tune on a CPU; project 03's --preset cpu model with "
-            "--preset cpu here takes minutes"
-        )
+    slow = warn_if_slow(device, model.num_params() > 50e6)
 
     bar = tqdm(total=tc.max_iters, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
     start = time.perf_counter() - training.get("elapsed_s", 0.0)
@@ -342,19 +347,15 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", step_s=f"{dt:.2f}")
             bar.update()
             if slow and step == 1:
-                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
+                bar.write(time_left(dt, tc.max_iters - step))
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 val = response_loss(model, val_batches, device, dtype)
                 metrics.append({"step": step, "val_loss": val})
                 bar.write(f"step {step}: train loss {loss:.4f}, held-out response loss {val:.4f}")
-                training.update(
-                    step=step, train_loss=loss, val_loss=val, elapsed_s=round(time.perf_counter() - start, 1)
-                )
-                files = (
-                    {"eval.json": evaluation(model, val_records, meta, tc, device)}
-                    if step == tc.max_iters
-                    else {}
-                )
+                elapsed = round(time.perf_counter() - start, 1)
+                training.update(step=step, train_loss=loss, val_loss=val, elapsed_s=elapsed)
+                last = step == tc.max_iters  # what the fine-tuning did, in words: held-out answers
+                files = {"eval.json": evaluation(model, val_records, meta, tc, device)} if last else {}
                 save_run(args.out, model, optimizer, loader, meta, metrics, files)
     except KeyboardInterrupt:
         bar.close()

@@ -97,7 +97,7 @@ def to_tensor(ids: list[int], block_size: int, device) -> torch.Tensor:
 
 
 def respond(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, amp, stream: bool) -> str:
-    """Sample until <|endoftext|> (NEW: the fine-tuned model learned to emit it after each response) or
+    """Sample until <|endoftext|> (the fine-tuned model learned to emit it after each response) or
     --max-new-tokens. With stream=True text is printed as soon as it forms whole characters."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
@@ -119,7 +119,7 @@ def load_model(args, device) -> GPT:
     if args.init_from:  # GPT-2's own weights or another base, to see what fine-tuning changed
         return load_base(args.init_from, device, DEFAULT_DIR)[0].eval()
     model, _ = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken", base=args.base)
-    if args.merge:  # NEW: W <- W + (alpha/r) B A in every adapted layer: a plain GPT again
+    if args.merge:  # W <- W + (alpha/r) B A in every adapted layer: a plain GPT again
         merge_and_unload(model)
     return model
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return chat(model, tokenizer, args, gen, amp)
     if args.prompt is not None:  # plain continuation: print the prompt, then what follows
         text, shown = args.prompt, args.prompt
-    else:  # NEW: the instruction goes into the template the model was fine-tuned on
+    else:  # the instruction goes into the template the model was fine-tuned on
         text, shown = (
             format_prompt(
                 args.instruction if args.instruction is not None else DEFAULT_INSTRUCTION, args.input
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fit_history(tokenizer, turns: list[tuple[str, str]], instruction: str, budget: int) -> list[int]:
-    """NEW: the conversation as consecutive template blocks (earlier instructions with their answers, then
+    """The conversation as consecutive template blocks (earlier instructions with their answers, then
     the new instruction), dropping the oldest turns until it leaves `budget` tokens free in the context."""
     while True:
         text = "".join(format_prompt(q) + a + "\n\n" for q, a in turns) + format_prompt(instruction)

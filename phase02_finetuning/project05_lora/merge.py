@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     model, config = load_checkpoint(args.checkpoint)
     if "lora" not in config:
         raise UserError(f"{args.checkpoint} holds a full model, not an adapter; nothing to merge")
-    merge_and_unload(model)  # NEW: a plain GPT whose weights include the adapters' updates
+    merge_and_unload(model)  # a plain GPT whose weights include the adapters' updates
     meta = {k: v for k, v in config.items() if k not in ("format", "project", "model", "lora", "base")}
     meta["training"] = {
         **config["training"],

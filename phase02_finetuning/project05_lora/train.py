@@ -51,6 +51,8 @@ from cli import (
     refuse_changes_on_resume,
     seed_everything,
     sync,
+    time_left,
+    warn_if_slow,
 )
 from data import IGNORE, SFTLoader, encode_examples, eval_batches, format_prompt, load_records, split_records
 from lora import LoRAConfig, apply_lora, base_fingerprint, trainable_parameters
@@ -136,7 +138,7 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.o
 
 
 def set_dropout(model: GPT, p: float) -> None:
-    """NEW: dropout on for fine-tuning (the base may have been pre-trained without any)."""
+    """Dropout on for fine-tuning (the base may have been pre-trained without any)."""
     model.config.dropout = p
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -149,7 +151,7 @@ def train_step(model: GPT, optimizer, loader: SFTLoader, lr: float, tc: TrainCon
         group["lr"] = lr
     batch = {k: v.to(device) for k, v in loader.next_batch().items()}
     with autocast(device, dtype):
-        _, loss = model(batch["x"], batch["y"], batch.get("segments"))  # NEW: prompt targets are -100
+        _, loss = model(batch["x"], batch["y"], batch.get("segments"))  # prompt targets are -100
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -159,7 +161,7 @@ def train_step(model: GPT, optimizer, loader: SFTLoader, lr: float, tc: TrainCon
 
 @torch.no_grad()
 def response_loss(model: GPT, batches: list[dict], device, dtype) -> float:
-    """NEW: the held-out loss on response tokens only, a token-weighted mean over the whole set: the number
+    """The held-out loss on response tokens only, a token-weighted mean over the whole set: the number
     the fine-tuning lowers, before and after."""
     model.eval()
     total, count = 0.0, 0
@@ -307,15 +309,10 @@ def configure(args) -> tuple[str, TrainConfig, dict, LoRAConfig]:
     return training["preset"], tc, meta, LoRAConfig.from_dict(saved["lora"])
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    preset, tc, meta, lora = configure(args)
+def start_model(args, meta: dict, lora: LoRAConfig, tc: TrainConfig, device) -> GPT:
+    """The base model (recorded in meta; the same one when resuming), frozen, with fresh adapters on it (a
+    resumed run's come from restore_run)."""
     training = meta["training"]
-    records, data_name = load_records(training["data"])
-    train_records, val_records = split_records(records)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     model, training["init_from"] = load_base(training["init_from"], device, BASE)  # resumed: the same base
     if Path(training["init_from"]) == args.out:  # saving would replace the model it starts from
         raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
@@ -327,6 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(tc.seed)  # before apply_lora: --seed fixes the adapters' random A
     apply_lora(model, lora)  # NEW: freeze everything, add trainable A and B to the target layers
     meta.update(lora=lora.to_dict(), base={"init_from": training["init_from"], "fingerprint": fingerprint})
+    return model
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset, tc, meta, lora = configure(args)
+    training = meta["training"]
+    records, data_name = load_records(training["data"])
+    train_records, val_records = split_records(records)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model = start_model(args, meta, lora, tc, device)
     check_memory(step_memory(model.config, tc), device, f"a step of {tc.batch_size} rows")
     block_size = model.config.block_size
     train_examples = encode_examples(train_records, block_size, "training")
@@ -347,12 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{tc.batch_size} {'packed rows' if tc.pack else 'examples'}/step; {device.type} {dtype}"
     )
     print(f"held-out response loss before: {training['val_loss_before']:.4f}")
-    slow = device.type == "cpu" and model.num_params() > 50e6
-    if slow:
-        print(
-            "warning: a model this size is slow to fine-tune on a CPU; project 03's --preset cpu model with "
-            "--preset cpu here takes minutes"
-        )
+    slow = warn_if_slow(device, model.num_params() > 50e6)
 
     bar = tqdm(total=tc.max_iters, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
     start = time.perf_counter() - training.get("elapsed_s", 0.0)
@@ -367,19 +372,15 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", step_s=f"{dt:.2f}")
             bar.update()
             if slow and step == 1:
-                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
+                bar.write(time_left(dt, tc.max_iters - step))
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 val = response_loss(model, val_batches, device, dtype)
                 metrics.append({"step": step, "val_loss": val})
                 bar.write(f"step {step}: train loss {loss:.4f}, held-out response loss {val:.4f}")
-                training.update(
-                    step=step, train_loss=loss, val_loss=val, elapsed_s=round(time.perf_counter() - start, 1)
-                )
-                files = (
-                    {"eval.json": evaluation(model, val_records, meta, tc, device)}
-                    if step == tc.max_iters
-                    else {}
-                )
+                elapsed = round(time.perf_counter() - start, 1)
+                training.update(step=step, train_loss=loss, val_loss=val, elapsed_s=elapsed)
+                last = step == tc.max_iters  # what the fine-tuning did, in words: held-out answers
+                files = {"eval.json": evaluation(model, val_records, meta, tc, device)} if last else {}
                 save_run(args.out, model, optimizer, loader, meta, metrics, files)
     except KeyboardInterrupt:
         bar.close()

@@ -41,7 +41,7 @@ IGNORE = -100  # target id that F.cross_entropy skips (its default ignore_index)
 HELD_OUT = 0.1  # fraction of the records kept for evaluation, chosen by a fixed shuffle
 SPLIT_SEED = 0  # the held-out split never changes with --seed: before/after losses stay comparable
 
-# NEW: the Alpaca prompt template (Taori et al. 2023). The model only ever sees instructions in this shape,
+# the Alpaca prompt template (Taori et al. 2023). The model only ever sees instructions in this shape,
 # so generate.py must wrap a user's instruction in exactly the same text.
 PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -191,7 +191,7 @@ class Example:
 
 
 def encode_example(record: dict) -> Example:
-    """NEW: prompt and response are encoded separately and concatenated, so the prompt's tokens are exactly
+    """Prompt and response are encoded separately and concatenated, so the prompt's tokens are exactly
     those generate.py will feed (BPE across the seam could otherwise merge differently)."""
     enc = gpt2_encoding()
     prompt = enc.encode_ordinary(format_prompt(record["instruction"], record["input"]))

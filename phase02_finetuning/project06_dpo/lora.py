@@ -68,7 +68,7 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         w = self.weight
-        # NEW: the adapter. A as the reference implementation (loralib) initialises it, the same
+        # the adapter. A as the reference implementation (loralib) initialises it, the same
         # kaiming-uniform as nn.Linear's default; B = 0 makes the update B A exactly zero at the start.
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
@@ -83,21 +83,21 @@ class LoRALinear(nn.Linear):
         y = super().forward(x)  # (..., out): x W^T + b, the frozen base (already holding B A when merged)
         if self.merged or not self.adapters_enabled:
             return y
-        # NEW: down to r dimensions through A, back up through B. Two thin matmuls instead of forming
+        # down to r dimensions through A, back up through B. Two thin matmuls instead of forming
         # B A (out, in): r (in + out) multiply-adds per token rather than in * out.
-        h = self.lora_dropout(x) @ self.lora_A.T  # NEW: (..., r)
-        return y + (h @ self.lora_B.T) * self.scaling  # NEW: (..., out)
+        h = self.lora_dropout(x) @ self.lora_A.T  # (..., r)
+        return y + (h @ self.lora_B.T) * self.scaling  # (..., out)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, (out, in), in float32: in bf16 (8 bits of mantissa) the r-term sums in B @ A and the
         addition to W would each round; in float32 W + delta is rounded once, to the nearest bf16."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # NEW
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight.copy_(self.weight.float() + self.delta_weight())  # NEW: W <- W + scaling B A
+            self.weight.copy_(self.weight.float() + self.delta_weight())  # W <- W + scaling B A
             self.merged = True
 
     def extra_repr(self) -> str:

@@ -52,6 +52,8 @@ from cli import (
     refuse_changes_on_resume,
     seed_everything,
     sync,
+    time_left,
+    warn_if_slow,
 )
 from data import format_prompt, split_records
 from dpo import LOSS_TYPES, Reference, dpo_loss, policy_logprobs
@@ -201,6 +203,15 @@ def answer(model: GPT, tokenizer: GPT2Tokenizer, record: dict, device, max_new_t
     return b"".join(out).decode("utf-8", errors="replace")
 
 
+@torch.no_grad()
+def held_out_reference(reference: Reference, policy: GPT, batches: list[dict]) -> list:
+    """The reference log-probs of the held-out pairs, computed once (in eval mode: no dropout)."""
+    policy.eval()
+    logps = [reference.compute(policy, b) for b in batches]
+    policy.train()
+    return logps
+
+
 def evaluation(policy: GPT, val_records: list[dict], meta: dict, tc: TrainConfig, device) -> bytes:
     """eval.json: held-out metrics before and after, and greedy answers to the first held-out prompts next
     to the chosen and rejected answers."""
@@ -342,17 +353,10 @@ def configure(args) -> tuple[str, TrainConfig, dict, LoRAConfig | None]:
     return training["preset"], tc, meta, LoRAConfig.from_dict(saved["lora"]) if tc.lora else None
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    preset, tc, meta, lora = configure(args)
+def start_policy(args, meta: dict, lora: LoRAConfig | None, tc: TrainConfig, device) -> GPT:
+    """The model DPO starts from (recorded in meta), which is also the reference. A resumed run rebuilds it
+    the same way, then restore_run loads the policy's trained weights over it."""
     training = meta["training"]
-    records, data_name = load_preference_records(training["data"])
-    train_records, val_records = split_records(records)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    # The starting policy is also the reference; a resumed run rebuilds it the same way, then loads the
-    # policy's trained weights over it (restore_run).
     policy, training["init_from"] = load_base(training["init_from"], device, BASE)
     if Path(training["init_from"]) == args.out:  # saving would replace the model it starts from
         raise UserError(f"--out {args.out} is the model this run starts from; choose another --out")
@@ -368,17 +372,27 @@ def main(argv: list[str] | None = None) -> int:
         apply_lora(policy, lora)  # B = 0: the policy starts equal to the reference
         meta["lora"] = lora.to_dict()
     meta["base"] = {"init_from": training["init_from"], "fingerprint": fingerprint}
+    return policy
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset, tc, meta, lora = configure(args)
+    training = meta["training"]
+    records, data_name = load_preference_records(training["data"])
+    train_records, val_records = split_records(records)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    policy = start_policy(args, meta, lora, tc, device)
     check_memory(step_memory(policy.config, tc), device, f"a step of {tc.batch_size} pairs")
     block_size = policy.config.block_size
     train_pairs = encode_pairs(train_records, block_size, "training")
     loader = PairLoader(train_pairs, tc.batch_size, tc.seed)
     val_batches = eval_pair_batches(encode_pairs(val_records, block_size, "held-out"), tc.batch_size)
-    reference = Reference(
-        tc.ref, policy, train_pairs, tc.batch_size, device, autocast(device, dtype), average=tc.loss == "ipo"
-    )
-    policy.eval()
-    val_ref = [reference.compute(policy, b) for b in val_batches]  # held-out reference log-probs, once
-    policy.train()
+    amp, average = autocast(device, dtype), tc.loss == "ipo"
+    reference = Reference(tc.ref, policy, train_pairs, tc.batch_size, device, amp, average)  # NEW
+    val_ref = held_out_reference(reference, policy, val_batches)
 
     seed_everything(tc.seed)
     optimizer = make_optimizer(policy, tc, device)
@@ -394,12 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{tc.ref}; {len(train_pairs)} pairs of {data_name}; {tc.batch_size} pairs/step; {device}, {dtype}"
     )
     print(f"held-out log-prob accuracy before: {training['before']['val_logp_accuracy']:.3f}")
-    slow = device.type == "cpu" and policy.num_params() > 50e6
-    if slow:
-        print(
-            "warning: a model this size is slow to train on a CPU; project 04's --preset cpu model with "
-            "--preset cpu here takes minutes"
-        )
+    slow = warn_if_slow(device, policy.num_params() > 50e6)
 
     bar = tqdm(total=tc.max_iters, initial=step, desc="DPO", unit="step", dynamic_ncols=True)
     start = time.perf_counter() - training.get("elapsed_s", 0.0)
@@ -411,15 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             sync(device)
             step, dt = step + 1, time.perf_counter() - t0
             metrics.append({"step": step, **m, "lr": lr, "grad_norm": grad_norm})
-            bar.set_postfix(
-                loss=f"{m['loss']:.4f}",
-                acc=f"{m['rewards/accuracy']:.2f}",
-                margin=f"{m['rewards/margin']:.3f}",
-                lr=f"{lr:.2e}",
-            )
+            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracy']:.2f}", lr=f"{lr:.2e}")
             bar.update()
             if slow and step == 1:
-                bar.write(f"measured {dt:.1f} s/step: about {dt * (tc.max_iters - 1) / 3600:.1f} hours to go")
+                bar.write(time_left(dt, tc.max_iters - step))
             if step % tc.eval_interval == 0 or step == tc.max_iters:
                 val = evaluate(policy, val_batches, val_ref, tc, device, dtype)
                 metrics.append({"step": step, **val})
@@ -428,17 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"accuracy {val['val_reward_accuracy']:.3f}, margin {val['val_reward_margin']:.4f}, "
                     f"log-prob accuracy {val['val_logp_accuracy']:.3f}"
                 )
-                training.update(
-                    step=step,
-                    train_loss=m["loss"],
-                    after=val,
-                    elapsed_s=round(time.perf_counter() - start, 1),
-                )
-                files = (
-                    {"eval.json": evaluation(policy, val_records, meta, tc, device)}
-                    if step == tc.max_iters
-                    else {}
-                )
+                elapsed = round(time.perf_counter() - start, 1)
+                training.update(step=step, train_loss=m["loss"], after=val, elapsed_s=elapsed)
+                last = step == tc.max_iters  # what DPO did, in words: answers to held-out prompts
+                files = {"eval.json": evaluation(policy, val_records, meta, tc, device)} if last else {}
                 save_run(args.out, policy, optimizer, loader, meta, metrics, files)
     except KeyboardInterrupt:
         bar.close()
