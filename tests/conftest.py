@@ -1,5 +1,6 @@
-"""Test machinery shared by every project: load a project's modules in isolation, build small corpora, run
-scripts in-process.
+"""Test machinery shared by every project: load a project's modules in isolation, build small corpora and
+tiny models, run scripts in-process, and the checks and helpers that several test modules use (test modules
+never import from each other: what two of them need lives here).
 
 Thirty folders each have their own `model.py`, `train.py`, ...; a project imports its siblings by bare name
 (`from model import GPT`). load_project() imports one folder's modules with that folder first on sys.path
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import random
 import shutil
@@ -19,6 +21,13 @@ from types import SimpleNamespace
 
 import pytest
 import tiktoken
+import tiktoken.load
+import torch
+
+# The models in tests are tiny: one thread computes them about as fast as two, and never stalls at an OpenMP
+# barrier waiting for a core that another process holds (a second pytest-xdist worker, say). Measured on
+# 2 shared cores: a (100, 32) Linear takes 13 us on one thread and 2.6 ms on two.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = sorted(p for p in ROOT.glob("phase*/project*") if (p / "model.py").exists())
@@ -72,7 +81,87 @@ def run_main(module, *argv: str) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
-_WORDS = (
+def with_flags(module, *flags):
+    """run_main of a script with `flags` always given first, e.g. `with_flags(P.generate, "--device", "cpu")`.
+    A flag given again later overrides it."""
+    return lambda *argv: run_main(module, *flags, *argv)
+
+
+def tiny_trainer(project: Path | str, *flags):
+    """A project's `train.py --preset tiny --device cpu FLAGS ...` (on the CPU, so that losses compare
+    exactly): a test module's `train_tiny = tiny_trainer(...)`."""
+    return with_flags(load_project(project).train, "--preset", "tiny", "--device", "cpu", *flags)
+
+
+def train_tiny(project: Path | str, *argv) -> int:
+    """tiny_trainer(project)(*argv), for tests that train several projects."""
+    return tiny_trainer(project)(*argv)
+
+
+def printed(module, *argv) -> str:
+    """What a script prints on stdout, run in-process; it must succeed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run_main(module, *argv) == 0
+    return out.getvalue()
+
+
+def fake_datasets(monkeypatch, load_dataset) -> list:
+    """Replace the Hugging Face datasets package by one whose load_dataset is ours; returns the calls it gets
+    as (args, kwargs)."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return load_dataset(*args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=record))
+    return calls
+
+
+def assert_one_line_error(capsys, rc: int) -> str:
+    """The bad-input contract: exit code 2 and one line on stderr, no traceback. Returns that line. A progress
+    bar drawn before the error (a download's, redrawn in place with carriage returns) is not a line of it."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.split("\n") if line.strip() and "\r" not in line]
+    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
+    return lines[0]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a folder, by name: equal before and after means nothing was touched."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def write_json(path: Path, records) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def serve_named_file(monkeypatch, data_module, name: str, source: Path, sha256: str | None = None) -> Path:
+    """Make a project's named data set (`--data NAME`, data.NAMED_FILES) download from a local file:// copy,
+    checked against its own sha256 (or the one given), into data/ beside `source`. Returns the path the
+    download is saved at."""
+    sha256 = sha256 or hashlib.sha256(source.read_bytes()).hexdigest()
+    monkeypatch.setitem(data_module.NAMED_FILES, name, (source.as_uri(), sha256))
+    monkeypatch.setattr(data_module, "DATA_DIR", source.parent / "data")
+    return source.parent / "data" / name / f"{name}.json"
+
+
+def read_report(folder: Path, project: str, preset: str = "tiny") -> dict[tuple[str, str], dict]:
+    """The one JSON file a benchmark wrote into `folder`, checked against the results schema
+    (CONTRIBUTING.md); returns its rows by (metric, variant)."""
+    (path,) = Path(folder).glob("*.json")
+    assert path.name.endswith(f"-{preset}.json")  # not the default preset: the name says so
+    report = json.loads(path.read_text())
+    assert report["schema"] == 1 and report["project"] == project and report["preset"] == preset
+    assert {"type", "name", "torch", "python"} <= report["device"].keys()
+    return {(r["metric"], r["variant"]): r for r in report["rows"]}
+
+
+WORDS = (
     "the king queen lord lady good sir my thou thee art what shall we now come here there love night day "
     "fair sweet death life heart hand eyes blood crown sword honour speak tell hear see know make give"
 ).split()
@@ -86,7 +175,7 @@ def make_corpus(n_speeches: int = 400, seed: int = 0) -> str:
     speeches = []
     for _ in range(n_speeches):
         lines = [
-            " ".join(rng.choices(_WORDS, k=rng.randint(4, 9))).capitalize() + rng.choice(",.!?;:")
+            " ".join(rng.choices(WORDS, k=rng.randint(4, 9))).capitalize() + rng.choice(",.!?;:")
             for _ in range(rng.randint(1, 3))
         ]
         speeches.append(f"{rng.choice(_NAMES)}:\n" + "\n".join(lines) + "\n")
@@ -99,7 +188,7 @@ def make_instructions(n: int = 240, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        word, other = rng.sample(_WORDS, 2)
+        word, other = rng.sample(WORDS, 2)
         kind = rng.randrange(3)
         if kind == 0:
             k = rng.randint(2, 4)
@@ -135,7 +224,7 @@ def make_preferences(n: int = 240, seed: int = 0) -> list[dict]:
     rng = random.Random(seed + 1)
     records = []
     for r in make_instructions(n, seed):
-        wrong = " ".join(rng.choices(_WORDS, k=3))
+        wrong = " ".join(rng.choices(WORDS, k=3))
         records.append({**r, "chosen": r["output"], "rejected": f"No. Figure it out yourself: {wrong}!"})
     return records
 
@@ -168,9 +257,133 @@ def write_training_data(project: Path, path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
+    """make_corpus() in a text file: what the pre-training projects read with --data."""
     path = tmp_path_factory.mktemp("corpus") / "play.txt"
     path.write_text(make_corpus(), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> SimpleNamespace:
+    """Per project, made once per session and shared: `data(project)`, a training file of the kind it reads,
+    and `checkpoint(project)`, what `train.py --preset tiny` writes from that file. Read-only: copy to
+    modify."""
+    files, checkpoints = {}, {}
+
+    def data(project: Path | str) -> Path:
+        project = project_dir(project) if isinstance(project, str) else project
+        if project not in files:
+            files[project] = write_training_data(project, tmp_path_factory.mktemp(project.name) / "train")
+        return files[project]
+
+    def checkpoint(project: Path | str) -> Path:
+        project = project_dir(project) if isinstance(project, str) else project
+        if project not in checkpoints:
+            out = data(project).parent / "ckpt"
+            assert train_tiny(project, "--data", data(project), "--out", out) == 0
+            checkpoints[project] = out
+        return checkpoints[project]
+
+    return SimpleNamespace(data=data, checkpoint=checkpoint)
+
+
+# --- small models ---------------------------------------------------------------------------------------
+
+TINY_HF = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)  # transformers' GPT2Config
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Add noise to every parameter: fresh models have zero biases and identity LayerNorms, which would let
+    a biases or LayerNorm mix-up go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def tiny_gpt(project: Path | str, seed: int = 0, **config) -> torch.nn.Module:
+    """A project's GPT, seeded and then perturbed, in eval mode; by default the shape of tiny_hf_model."""
+    P = load_project(project)
+    shape = {k: TINY_HF[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}
+    shape["block_size"] = TINY_HF["n_positions"]
+    torch.manual_seed(seed)
+    model = P.model.GPT(P.model.GPTConfig(**{**shape, **config}))
+    perturb_(model, seed)
+    return model.eval()
+
+
+def tiny_hf_model(seed: int = 0):
+    """transformers' GPT2LMHeadModel of the TINY_HF shape, perturbed, in eval mode."""
+    import transformers  # noqa: PLC0415 - slow to import; only the Hugging Face tests need it
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        **TINY_HF, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=99, eos_token_id=99
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    perturb_(model, seed)
+    return model.eval()
+
+
+def random_ids(seed: int = 1) -> torch.Tensor:
+    """(3, 64) token ids for the TINY_HF shape: a full context."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_HF["vocab_size"], (3, TINY_HF["n_positions"]), generator=g)
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """model(ids)[0], by default on random_ids(): (B, T, V)."""
+    return model(random_ids() if ids is None else ids)[0]
+
+
+def randomize_adapters_(model, seed: int = 0) -> None:
+    """Non-zero A and B in every LoRA layer: a fresh adapter (B = 0) would hide any mistake in the update
+    path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if hasattr(layer, "lora_A"):
+                layer.lora_A.copy_(0.3 * torch.randn(layer.lora_A.shape, generator=g))
+                layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter that is not a LoRA adapter's."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+@torch.no_grad()
+def greedy_ids(model, ids: list[int], n: int, stop: int | None = None) -> list[int]:
+    """The model's own greedy continuation, computed independently of generate_stream: the full forward pass
+    over the (sliding) context at every step, argmax of the last position; it ends before `stop` if given."""
+    out = []
+    idx = torch.tensor([ids])
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size :])  # (1, T, V)
+        next_id = logits[0, -1].argmax().item()
+        if next_id == stop:
+            break
+        out.append(next_id)
+        idx = torch.cat([idx, torch.tensor([[next_id]])], dim=1)
+    return out
+
+
+def project_tokenizer(project: Path | str, ckpt: Path):
+    """(encode, decode) for a checkpoint, by the tokenizer type its config.json records. decode turns ids into
+    text the way generate.py prints it: bytes joined first, an incomplete character at the end as U+FFFD."""
+    P = load_project(project)
+    config = P.checkpoint.read_config(ckpt)
+    kind = config["tokenizer"]["type"]
+    if kind == "char":
+        chars = P.data.CharTokenizer(config["tokenizer"]["chars"])
+        return chars.encode, chars.decode
+    if kind == "bpe":
+        bpe = P.data.load_tokenizer(ckpt)
+        return bpe.encode, lambda ids: bpe.decode_bytes(ids).decode("utf-8", errors="replace")
+    assert kind == "tiktoken", kind
+    enc = P.tokenizer.gpt2_encoding()
+    return enc.encode_ordinary, lambda ids: enc.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -201,3 +414,19 @@ def tiktoken_gpt2(tiktoken_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache))
         return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture
+def no_download(monkeypatch) -> list[Path]:
+    """tiktoken may read local files only (a URL fails the test), with its cache off so that every file goes
+    through that check. Returns the files it read."""
+    read = []
+
+    def read_file(blobpath: str) -> bytes:
+        assert "://" not in blobpath, f"tiktoken tried to download {blobpath}"
+        read.append(Path(blobpath))
+        return Path(blobpath).read_bytes()
+
+    monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    return read

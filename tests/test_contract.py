@@ -1,9 +1,9 @@
-"""The contract every project folder keeps (CONVENTIONS.md): its scripts import and answer --help; a tiny
+"""The contract every project folder keeps (CONTRIBUTING.md): its scripts import and answer --help; a tiny
 training run writes a checkpoint that generate.py loads; checkpoints round-trip exactly; an interrupted run
 resumes exactly; a seed fixes the sample; attention is causal; bad input ends with one line on stderr and
-exit code 2, and never costs the user an existing checkpoint."""
+exit code 2, and never costs the user an existing checkpoint; another project's checkpoint is named as
+such."""
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -12,9 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECTS, load_project, run_main, write_training_data
+from conftest import (
+    PROJECTS,
+    ROOT,
+    assert_one_line_error,
+    data_kind,
+    digest,
+    greedy_ids,
+    load_project,
+    printed,
+    project_tokenizer,
+    run_main,
+    train_tiny,
+    write_training_data,
+)
 
 SCRIPTS = ("train", "generate", "benchmark")
+EOT = 50256  # GPT-2's <|endoftext|>: a fine-tuned model's answer ends there
 
 
 @pytest.fixture(scope="session", params=PROJECTS, ids=[p.name for p in PROJECTS])
@@ -23,36 +37,21 @@ def project(request):
 
 
 @pytest.fixture(scope="session")
-def corpus_file(project, tmp_path_factory) -> Path:
+def corpus_file(project, tiny_runs) -> Path:
     """Training data of the kind this project reads: text, instruction records or preference pairs."""
-    return write_training_data(project, tmp_path_factory.mktemp(project.name) / "train")
+    return tiny_runs.data(project)
 
 
 @pytest.fixture(scope="session")
-def trained(project, corpus_file, tmp_path_factory) -> Path:
-    """A checkpoint from `train.py --preset tiny`, shared by the tests below (read-only: copy to modify)."""
-    out = tmp_path_factory.mktemp(project.name) / "ckpt"
-    rc = run_main(load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", out)
-    assert rc == 0
-    return out
-
-
-def assert_one_line_error(capsys, rc: int) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got: {err!r}"
-    return lines[0]
+def trained(project, tiny_runs) -> Path:
+    """A checkpoint from `train.py --preset tiny` on corpus_file, shared by the tests below (read-only:
+    copy to modify)."""
+    return tiny_runs.checkpoint(project)
 
 
 def weights_file(ckpt: Path) -> str:
     """model.safetensors, or for projects that save only what they trained (LoRA), adapter.safetensors."""
     return "adapter.safetensors" if (ckpt / "adapter.safetensors").exists() else "model.safetensors"
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -69,12 +68,18 @@ def test_training_writes_a_complete_checkpoint(trained):
     assert (trained / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_generate_loads_the_checkpoint(project, trained, capsys):
-    rc = run_main(load_project(project).generate, "--checkpoint", trained, "--prompt", "ROMEO:",
-                  "--max-new-tokens", 30)  # fmt: skip
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:") + 5
+def test_generate_prints_the_models_own_greedy_continuation(project, trained):
+    """--temperature 0 prints the prompt and then exactly the tokens that the full forward pass ranks first
+    (up to <|endoftext|> for a fine-tuned model), the same on every run."""
+    P = load_project(project)
+    flags = ["--checkpoint", trained, "--prompt", "ROMEO:", "--max-new-tokens", 30, "--temperature", 0]
+    out = printed(P.generate, *flags)
+    assert printed(P.generate, *flags) == out
+    model, _ = P.checkpoint.load_checkpoint(trained)
+    encode, decode = project_tokenizer(project, trained)
+    stop = None if data_kind(project) == "text" else EOT  # (a fine-tuned model may end its answer at once)
+    continuation = greedy_ids(model, encode("ROMEO:"), 30, stop)
+    assert out == "ROMEO:" + decode(continuation) + "\n"
 
 
 def test_checkpoint_round_trip_gives_identical_logits(project, trained, tmp_path):
@@ -91,17 +96,10 @@ def test_checkpoint_round_trip_gives_identical_logits(project, trained, tmp_path
     assert again.lm_head.weight.data_ptr() == again.wte.weight.data_ptr(), "weight tying lost on load"
 
 
-def test_same_seed_same_sample(project, trained, capsys):
-    gen = load_project(project).generate
-
+def test_same_seed_same_sample(project, trained):
     def sample(seed):
-        assert (
-            run_main(
-                gen, "--checkpoint", trained, "--max-new-tokens", 60, "--temperature", 1.0, "--seed", seed
-            )
-            == 0
-        )
-        return capsys.readouterr().out
+        flags = ["--checkpoint", trained, "--max-new-tokens", 60, "--temperature", 1.0, "--seed", seed]
+        return printed(load_project(project).generate, *flags)
 
     first = sample(7)
     assert sample(7) == first
@@ -125,22 +123,22 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(
     project, corpus_file, tmp_path, monkeypatch
 ):
     P = load_project(project)
-    flags = ["--preset", "tiny", "--data", corpus_file, "--max-iters", 50, "--eval-interval", 20]
-    assert run_main(P.train, *flags, "--out", tmp_path / "straight") == 0
+    flags = ["--data", corpus_file, "--max-iters", 12, "--eval-interval", 5]
+    assert train_tiny(project, *flags, "--out", tmp_path / "straight") == 0
 
     real_step, calls = P.train.train_step, []
 
-    def crash_on_step_31(*args, **kwargs):
+    def crash_on_step_8(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 31:
-            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run, 11 steps after the step-20 checkpoint
+        if len(calls) == 8:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run, 3 steps after the step-5 checkpoint
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(P.train, "train_step", crash_on_step_31)
-    assert run_main(P.train, *flags, "--out", tmp_path / "resumed") == 130
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["training"]["step"] == 20
+    monkeypatch.setattr(P.train, "train_step", crash_on_step_8)
+    assert train_tiny(project, *flags, "--out", tmp_path / "resumed") == 130
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["training"]["step"] == 5
     monkeypatch.setattr(P.train, "train_step", real_step)
-    assert run_main(P.train, "--resume", "--out", tmp_path / "resumed") == 0
+    assert train_tiny(project, "--resume", "--out", tmp_path / "resumed") == 0
 
     def metrics(name):
         return (tmp_path / name / "metrics.jsonl").read_text().splitlines()
@@ -199,7 +197,7 @@ def test_bad_data_file_keeps_existing_checkpoint(project, trained, tmp_path, cap
 def test_training_refuses_to_overwrite_a_checkpoint(project, trained, corpus_file, tmp_path, capsys):
     copy = shutil.copytree(trained, tmp_path / "ckpt")
     before = digest(copy)
-    rc = run_main(load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", copy)
+    rc = train_tiny(project, "--data", corpus_file, "--out", copy)
     assert "--resume" in assert_one_line_error(capsys, rc)
     assert digest(copy) == before
 
@@ -239,16 +237,14 @@ def test_out_that_is_not_a_checkpoint_is_left_alone(project, corpus_file, tmp_pa
     folder = tmp_path / "my_notes"
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
-    rc = run_main(load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", folder)
+    rc = train_tiny(project, "--data", corpus_file, "--out", folder)
     assert "not a checkpoint" in assert_one_line_error(capsys, rc)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("flag", [["--seed", "-1"], ["--lr", "-1"], ["--lr", "nan"]])
 def test_bad_training_flags(project, corpus_file, tmp_path, capsys, flag):
-    rc = run_main(
-        load_project(project).train, "--preset", "tiny", "--data", corpus_file, "--out", tmp_path / "c", *flag
-    )
+    rc = train_tiny(project, "--data", corpus_file, "--out", tmp_path / "c", *flag)
     assert flag[0] in assert_one_line_error(capsys, rc)
 
 
@@ -293,6 +289,36 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(P.train, "train_step", interrupted)
-    assert run_main(P.train, "--preset", "tiny", "--data", corpus_file, "--out", tmp_path / "run") == 130
+    assert train_tiny(project, "--data", corpus_file, "--out", tmp_path / "run") == 130
     assert "nothing was saved" in capsys.readouterr().out  # not "continue with --resume": there is nothing
     assert not (tmp_path / "run").exists()
+
+
+def test_data_inside_a_project_folder_is_git_ignored(project):
+    """A relative --out run from inside a project folder writes data/models/... there: never committed."""
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    path = (project / "data" / "models" / "x").relative_to(ROOT)
+    assert subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT).returncode == 0
+
+
+# --- another project's checkpoint: named as such, not called corrupt ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reader,script,writer",
+    [
+        ("project04_sft", "generate", "project05_lora"),  # a LoRA adapter folder
+        ("project03_pretrain", "train", "project01_minimal_gpt"),  # --resume of another project's run
+        ("project01_minimal_gpt", "generate", "project03_pretrain"),
+    ],
+)
+def test_another_projects_checkpoint_is_named_not_called_corrupt(
+    tiny_runs, tmp_path, capsys, reader, script, writer
+):
+    ckpt = shutil.copytree(tiny_runs.checkpoint(writer), tmp_path / "ckpt")
+    before = digest(ckpt)
+    flags = ["--checkpoint", ckpt] if script == "generate" else ["--resume", "--out", ckpt]
+    line = assert_one_line_error(capsys, run_main(getattr(load_project(reader), script), *flags))
+    assert writer in line and f"{script}.py" in line and "corrupt" not in line  # says which script reads it
+    assert digest(ckpt) == before

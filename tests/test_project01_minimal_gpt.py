@@ -1,6 +1,7 @@
 """Project 01: the model against PyTorch's reference attention, training dynamics, sampling
-sets, atomic checkpoints, downloads, and the benchmark's output. (Causal masking, checkpoint round trips,
-exact resume and bad-input exits are in test_contract.py, which covers this project too.)"""
+sets, atomic checkpoints, the rules for --out, the memory check, downloads, and the benchmark's output and
+where it goes. (Causal masking, checkpoint round trips, exact resume and bad-input exits are in
+test_contract.py, which covers this project too.)"""
 
 import hashlib
 import io
@@ -8,20 +9,32 @@ import json
 import math
 import shutil
 import sys
+import time
 
 import pytest
 import torch
-from conftest import load_project, run_main
+from conftest import (
+    assert_one_line_error,
+    digest,
+    greedy_ids,
+    load_project,
+    printed,
+    project_tokenizer,
+    read_report,
+    run_main,
+    tiny_gpt,
+    tiny_trainer,
+)
 
 P = load_project("project01_minimal_gpt")
 TINY = P.model.GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+train_tiny = tiny_trainer("project01_minimal_gpt")
 
 
 @pytest.fixture(scope="module")
-def trained(corpus_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("p01") / "ckpt"
-    assert run_main(P.train, "--preset", "tiny", "--data", corpus_file, "--out", out) == 0
-    return out
+def trained(tiny_runs):
+    """The shared tiny checkpoint (read-only: copy to modify)."""
+    return tiny_runs.checkpoint("project01_minimal_gpt")
 
 
 def test_attention_matches_pytorch_sdpa():
@@ -167,20 +180,24 @@ def test_checkpoint_cut_off_between_renames_still_loads(trained, tmp_path):
 # --- generation ------------------------------------------------------------------------------------------
 
 
-def test_streaming_prints_the_same_text(trained, capsys):
+def test_streaming_prints_the_same_text(trained):
     common = ["--checkpoint", trained, "--max-new-tokens", 80, "--seed", 3, "--top-k", 10]
-    assert run_main(P.generate, *common) == 0
-    plain = capsys.readouterr().out
-    assert run_main(P.generate, *common, "--stream") == 0
-    assert capsys.readouterr().out == plain
+    assert printed(P.generate, *common, "--stream") == printed(P.generate, *common)
 
 
 def test_interactive_mode_continues_each_prompt(trained, capsys, monkeypatch):
+    """Each prompt typed gets its own greedy continuation (computed here with a plain argmax loop over the
+    full forward pass); a prompt outside the vocabulary is reported and the loop goes on."""
     monkeypatch.setattr(sys, "stdin", io.StringIO("ROMEO\nthe 日本\nJULIET\nquit\n"))
-    assert run_main(P.generate, "--checkpoint", trained, "--interactive", "--max-new-tokens", 5) == 0
+    flags = ["--interactive", "--max-new-tokens", 20, "--temperature", 0]
+    assert run_main(P.generate, "--checkpoint", trained, *flags) == 0
     captured = capsys.readouterr()
-    assert "ROMEO" in captured.out and "JULIET" in captured.out
-    assert "vocabulary" in captured.err  # the bad prompt is reported and the loop goes on
+    model, _ = P.checkpoint.load_checkpoint(trained)
+    encode, decode = project_tokenizer("project01_minimal_gpt", trained)
+    for prompt in ("ROMEO", "JULIET"):
+        continuation = decode(greedy_ids(model, encode(prompt), 20))
+        assert len(continuation) == 20 and prompt + continuation + "\n" in captured.out
+    assert "vocabulary" in captured.err and "日本" not in captured.out
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -207,8 +224,8 @@ def test_failed_download_names_the_url_and_the_way_out(tmp_path):
 def test_too_little_data_for_the_context(tmp_path, capsys):
     small = tmp_path / "small.txt"
     small.write_text("abc" * 50)
-    rc = run_main(P.train, "--preset", "tiny", "--data", small, "--out", tmp_path / "ckpt")
-    assert rc == 2 and "needs at least" in capsys.readouterr().err
+    rc = train_tiny("--data", small, "--out", tmp_path / "ckpt")
+    assert "needs at least" in assert_one_line_error(capsys, rc)
 
 
 # --- benchmark --------------------------------------------------------------------------------------------
@@ -218,14 +235,7 @@ def test_benchmark_writes_the_results_schema(trained, tmp_path, capsys):
     rc = run_main(P.benchmark, "--preset", "tiny", "--checkpoint", trained, "--out", tmp_path, "--warmup", 1,
                   "--repeats", 2, "--gen-tokens", 8)  # fmt: skip
     assert rc == 0
-    (path,) = tmp_path.glob("*.json")
-    assert path.name.endswith("-tiny.json")
-    report = json.loads(path.read_text())
-    assert (
-        report["schema"] == 1 and report["project"] == "project01_minimal_gpt" and report["preset"] == "tiny"
-    )
-    assert {"type", "name", "torch", "python"} <= report["device"].keys()
-    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    rows = read_report(tmp_path, "project01_minimal_gpt")
     assert rows[("train_tok_per_s", "explicit attention")]["value"] > 0
     assert rows[("train_tok_per_s", "torch sdpa")]["baseline"] == "explicit attention"
     assert rows[("max_abs_logit_diff", "torch sdpa vs explicit")]["value"] < 1e-5
@@ -233,3 +243,61 @@ def test_benchmark_writes_the_results_schema(trained, tmp_path, capsys):
     recorded = P.checkpoint.read_config(trained)["training"]["val_loss"]
     assert rows[("val_loss", "checkpoint")]["value"] == pytest.approx(recorded, abs=1e-6)
     assert "step_ms" in capsys.readouterr().out
+
+
+def test_benchmark_writes_to_data_benchmarks_unless_published(tmp_path, monkeypatch, capsys):
+    """A user's run goes to data/benchmarks/<project>/ or to --out; only --publish writes results/."""
+    monkeypatch.setattr(P.results, "LOCAL_DIR", tmp_path / "local")
+    monkeypatch.setattr(P.results, "PUBLISHED_DIR", tmp_path / "published")
+    monkeypatch.setattr(P.results, "REPO_ROOT", tmp_path)  # --help shows PUBLISHED_DIR relative to it
+    flags = ["--preset", "tiny", "--checkpoint", tmp_path / "none", "--warmup", 0, "--repeats", 1,
+             "--gen-tokens", 2]  # fmt: skip
+    runs = [([], "local"), (["--out", tmp_path / "mine"], "mine"), (["--publish"], "published")]
+    for extra, folder in runs:
+        assert run_main(P.benchmark, *flags, *extra) == 0
+        assert {p.parent.name for p in tmp_path.rglob("*.json")} >= {folder}
+        read_report(tmp_path / folder, "project01_minimal_gpt")
+    assert sorted(p.parent.name for p in tmp_path.rglob("*.json")) == ["local", "mine", "published"]
+    capsys.readouterr()
+    rc = run_main(P.benchmark, *flags, "--out", tmp_path / "other", "--publish")
+    assert "--publish" in assert_one_line_error(capsys, rc)
+    assert not (tmp_path / "other").exists()
+
+
+# --- the rules for --out, and the memory check ------------------------------------------------------------
+
+
+def test_overwrite_never_replaces_another_projects_checkpoint(corpus_file, tmp_path, capsys):
+    p03 = load_project("project03_pretrain")
+    meta = {"tokenizer": {"type": "tiktoken", "name": "gpt2"}, "training": {}}
+    p03.checkpoint.save_checkpoint(tmp_path / "p03", tiny_gpt("project03_pretrain"), meta)
+    before = digest(tmp_path / "p03")
+    rc = train_tiny("--overwrite", "--data", corpus_file, "--out", tmp_path / "p03")
+    line = assert_one_line_error(capsys, rc)
+    assert "project03_pretrain" in line and "--overwrite" in line
+    assert digest(tmp_path / "p03") == before
+
+
+def test_overwriting_a_base_names_the_adapters_trained_on_it(
+    trained, corpus_file, tmp_path, monkeypatch, capsys
+):
+    """An adapter (project 05) records the folder of its base; replacing that base breaks it: say so."""
+    out = shutil.copytree(trained, tmp_path / "base")
+    models = tmp_path / "models"
+    for name, base in (("on_this_base", out), ("on_another_base", tmp_path / "other")):
+        (models / name).mkdir(parents=True)
+        (models / name / "config.json").write_text(json.dumps({"base": {"init_from": str(base.resolve())}}))
+        (models / name / "adapter.safetensors").write_bytes(b"")
+    monkeypatch.setattr(P.checkpoint, "MODELS_DIR", models)
+    flags = ["--max-iters", 1, "--eval-iters", 1]
+    assert train_tiny("--overwrite", *flags, "--data", corpus_file, "--out", out) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and str(models / "on_this_base") in warnings[0] and str(out) in warnings[0]
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_anything_runs(corpus_file, tmp_path, capsys):
+    start = time.perf_counter()
+    rc = train_tiny("--batch-size", 100_000_000, "--data", corpus_file, "--out", tmp_path / "out")
+    assert "--batch-size" in assert_one_line_error(capsys, rc)
+    assert time.perf_counter() - start < 30  # worked out from the sizes, not found out by allocating
+    assert not (tmp_path / "out").exists()

@@ -5,38 +5,31 @@ Everything runs offline: GPT-2's encoder.json and vocab.bpe come from the gpt3-t
 placed in a temporary tiktoken cache so that tiktoken.get_encoding("gpt2") needs no download.
 """
 
-import importlib.util
 import json
 import random
 import shutil
-import sys
 import tracemalloc
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
-from conftest import load_project, modules_installed, run_main
+from conftest import (
+    WORDS,
+    assert_one_line_error,
+    load_project,
+    modules_installed,
+    printed,
+    read_report,
+    run_main,
+    tiny_trainer,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tokenizer_module():
-    """Import the project's tokenizer.py in isolation (a shared loader in conftest can replace this)."""
-    path = ROOT / "phase01_foundation" / "project02_tokenizer" / "tokenizer.py"
-    spec = importlib.util.spec_from_file_location("project02_tokenizer_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes find the pool's function by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-T = load_tokenizer_module()
+P = load_project("project02_tokenizer")
+T = P.tokenizer
 
 HYPOTHESIS = settings(max_examples=200, deadline=None, database=None)
-GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 EOT = "<|endoftext|>"
 
 
@@ -49,11 +42,7 @@ def gpt2(gpt2_files):
     return T.Tokenizer.from_gpt2_files(*gpt2_files)
 
 
-_WORDS = (
-    "the king queen lord lady good sir my thou thee art what shall we now come here there love night day "
-    "fair sweet death life heart hand eyes blood crown sword honour speak tell hear see know make give "
-    "naïve café Ærøskøbing 東京 😀 don't we'll I'm they're 1066 3.14159"
-).split()
+MIXED_WORDS = WORDS + "naïve café Ærøskøbing 東京 😀 don't we'll I'm they're 1066 3.14159".split()
 
 
 def make_text(n_words: int, seed: int = 0, specials: bool = False) -> str:
@@ -63,7 +52,7 @@ def make_text(n_words: int, seed: int = 0, specials: bool = False) -> str:
     seps = [" "] * 12 + ["  ", "\n", " \n", "\n\n", "\t", " \t ", ", ", ". ", "!\n", "   \n  \n"]
     parts = []
     for i in range(n_words):
-        parts.append(rng.choice(_WORDS) + rng.choice(seps))
+        parts.append(rng.choice(MIXED_WORDS) + rng.choice(seps))
         if specials and i % 50 == 49:
             parts.append(EOT)
     return "".join(parts)
@@ -103,19 +92,21 @@ SAMPLES = {
 }
 
 
-@pytest.mark.parametrize("text", SAMPLES.values(), ids=SAMPLES.keys())
-def test_gpt2_encode_matches_tiktoken(gpt2, tiktoken_gpt2, text):
+def assert_same_ids_and_round_trip(gpt2, tiktoken_gpt2, text: str) -> None:
     ids = gpt2.encode(text)
     assert ids == tiktoken_gpt2.encode(text, allowed_special="all")
     assert gpt2.decode(ids) == text
+
+
+@pytest.mark.parametrize("text", SAMPLES.values(), ids=SAMPLES.keys())
+def test_gpt2_encode_matches_tiktoken(gpt2, tiktoken_gpt2, text):
+    assert_same_ids_and_round_trip(gpt2, tiktoken_gpt2, text)
 
 
 @HYPOTHESIS
 @given(st.text())
 def test_gpt2_encode_matches_tiktoken_on_arbitrary_text(gpt2, tiktoken_gpt2, text):
-    ids = gpt2.encode(text)
-    assert ids == tiktoken_gpt2.encode(text, allowed_special="all")
-    assert gpt2.decode(ids) == text
+    assert_same_ids_and_round_trip(gpt2, tiktoken_gpt2, text)
 
 
 def test_gpt2_encode_matches_tiktoken_on_prose(gpt2, tiktoken_gpt2):
@@ -308,8 +299,10 @@ def test_parallel_pretokenization_equals_serial(tmp_path, monkeypatch, specials)
 
     whole = T._count_pretokens(text, specials)  # the text in one piece: chunking must change nothing
     assert T._count_file(str(path), specials, 1) == whole
-    assert T._count_file(str(path), specials, 2) == whole
-    assert T.train_bpe(path, 500, specials, num_workers=2) == T.train_bpe(path, 500, specials, num_workers=1)
+    with modules_installed(P):  # the pool's workers find tokenizer._count_file_chunk by name
+        assert T._count_file(str(path), specials, 2) == whole
+        parallel = T.train_bpe(path, 500, specials, num_workers=2)
+    assert parallel == T.train_bpe(path, 500, specials, num_workers=1)
 
 
 def test_chunk_cut_finds_a_special_token_split_across_reads(tmp_path):
@@ -462,8 +455,8 @@ def test_load_rejects_other_files(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # The project: a GPT trained on BPE tokens (train.py, generate.py, benchmark.py)
 
-P = load_project("project02_tokenizer")
 MULTILINGUAL = "Ünïcödé: 日本語のテキスト, русский текст, emoji 🚀👩‍💻🇯🇵, and café ☕.\n"
+train_tiny = tiny_trainer("project02_tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -473,10 +466,7 @@ def multilingual_checkpoint(corpus_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("p02")
     data = folder / "mixed.txt"
     data.write_text(corpus_file.read_text() + MULTILINGUAL * 200, encoding="utf-8")
-    assert (
-        run_main(P.train, "--preset", "tiny", "--data", data, "--out", folder / "ckpt", "--vocab-size", 300)
-        == 0
-    )
+    assert train_tiny("--data", data, "--out", folder / "ckpt", "--vocab-size", 300) == 0
     return folder / "ckpt", data
 
 
@@ -491,58 +481,64 @@ def test_the_checkpoint_carries_the_tokenizer_it_was_trained_with(multilingual_c
     assert len(text.encode("utf-8")) / len(ids) > 1.3  # the merges compress (bytes alone give 1.0)
 
 
-def test_streaming_never_prints_half_a_character(multilingual_checkpoint, capsys):
+def test_streaming_never_prints_half_a_character(multilingual_checkpoint):
     """Decoding token by token would turn each split character into U+FFFD marks; the streamed text must be
     exactly the text decoded from all bytes at once."""
     ckpt, _ = multilingual_checkpoint
-    flags = [
-        "--checkpoint",
-        ckpt,
-        "--prompt",
-        "日本",
-        "--max-new-tokens",
-        150,
-        "--temperature",
-        1.5,
-        "--seed",
-        1,
-    ]
-    assert run_main(P.generate, *flags) == 0
-    whole = capsys.readouterr().out
-    assert run_main(P.generate, *flags, "--stream") == 0
-    assert capsys.readouterr().out == whole
+    flags = ["--checkpoint", ckpt, "--prompt", "日本", "--max-new-tokens", 150, "--temperature", 1.5]
+    flags += ["--seed", 1]
+    whole = printed(P.generate, *flags)
+    assert printed(P.generate, *flags, "--stream") == whole
     assert any(ord(c) > 127 and c != "\ufffd" for c in whole[2:])  # it did sample multi-byte characters
 
 
 def test_training_with_gpt2s_tokenizer_files(gpt2_files, tiktoken_gpt2, corpus_file, tmp_path):
     folder = gpt2_files[0].parent
-    flags = ["--preset", "tiny", "--max-iters", 3, "--eval-iters", 1, "--eval-interval", 3]
-    assert (
-        run_main(P.train, *flags, "--data", corpus_file, "--tokenizer", folder, "--out", tmp_path / "ck") == 0
-    )
+    flags = ["--max-iters", 3, "--eval-iters", 1, "--eval-interval", 3]
+    assert train_tiny(*flags, "--data", corpus_file, "--tokenizer", folder, "--out", tmp_path / "ck") == 0
     tok = P.data.load_tokenizer(tmp_path / "ck")
     assert P.checkpoint.read_config(tmp_path / "ck")["model"]["vocab_size"] == 50257
     text = corpus_file.read_text()[:2000] + EOT + " tail"
     assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
 
 
+def test_a_vocabulary_the_data_cannot_fill_stops_short_with_a_note(corpus_file, tmp_path, capsys):
+    flags = ["--max-iters", 1, "--eval-iters", 1, "--vocab-size", 100_000]
+    assert train_tiny(*flags, "--data", corpus_file, "--out", tmp_path / "ck") == 0
+    size = P.checkpoint.read_config(tmp_path / "ck")["model"]["vocab_size"]
+    assert 257 < size < 100_000  # every pre-token of the play became one token, and there it stopped
+    out = capsys.readouterr().out
+    assert f"note: the data has no pairs left to merge after {size:,} tokens" in out
+    assert "short of --vocab-size 100,000" in out
+    P.data.make_tokenizer("bpe", corpus_file.read_text(), size)  # the same size, reached: no note
+    assert "note" not in capsys.readouterr().out
+
+
 def test_unknown_tokenizer_is_a_clear_error(corpus_file, tmp_path, capsys):
-    rc = run_main(P.train, "--preset", "tiny", "--data", corpus_file, "--tokenizer", tmp_path / "nope.json",
-                  "--out", tmp_path / "ck")  # fmt: skip
-    err = capsys.readouterr().err
-    assert rc == 2 and "--tokenizer" in err and err.count("\n") == 1
+    rc = train_tiny("--data", corpus_file, "--tokenizer", tmp_path / "nope.json", "--out", tmp_path / "ck")
+    assert "--tokenizer" in assert_one_line_error(capsys, rc)
     assert not (tmp_path / "ck").exists()
 
 
-def test_benchmark_matches_tiktoken_and_writes_the_schema(gpt2_files, tiktoken_gpt2, corpus_file, tmp_path):
+def test_tiktoken_reference_is_built_from_local_files(gpt2_files, tiktoken_gpt2, no_download, tmp_path):
+    """data.tiktoken_gpt2(folder): tiktoken's encoding from the two files in a folder, with no download."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    for f in gpt2_files:
+        shutil.copy(f, folder / f.name)
+    enc = P.data.tiktoken_gpt2(folder)
+    assert sorted(no_download) == sorted(folder / f.name for f in gpt2_files)  # read from there
+    text = make_text(3000, seed=9, specials=True)
+    assert enc.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+
+
+def test_benchmark_matches_tiktoken_and_writes_the_schema(gpt2_files, corpus_file, no_download, tmp_path):
     with modules_installed(P):  # its worker processes look functions up by module name
         rc = run_main(P.benchmark, "--preset", "tiny", "--data", corpus_file, "--repeats", 1, "--workers", 2,
                       "--gpt2-files", gpt2_files[0].parent, "--out", tmp_path)  # fmt: skip
     assert rc == 0
-    (path,) = tmp_path.glob("*-tiny.json")
-    report = json.loads(path.read_text())
-    assert report["schema"] == 1 and report["project"] == "project02_tokenizer"
-    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    assert no_download  # its tiktoken reference was built from the folder's files
+    rows = read_report(tmp_path, "project02_tokenizer")
     assert rows[("ids_identical_to_tiktoken", "shakespeare")]["value"] == 1.0
     assert rows[("ids_identical_to_tiktoken", "mixed")]["value"] == 1.0
     assert rows[("encode_mb_per_s", "shakespeare: ours, cold cache")]["baseline"] == "shakespeare: tiktoken"
@@ -555,16 +551,12 @@ def test_prompt_with_undecodable_bytes_is_a_clear_error(multilingual_checkpoint,
     ckpt, _ = multilingual_checkpoint
     prompt = b"ab\xff".decode("utf-8", errors="surrogateescape")  # what Python puts in argv for such bytes
     rc = run_main(P.generate, "--checkpoint", ckpt, "--prompt", prompt)
-    err = capsys.readouterr().err
-    assert rc == 2 and "not valid Unicode" in err and err.count("\n") == 1
+    assert "not valid Unicode" in assert_one_line_error(capsys, rc)
 
 
 def test_vocab_size_below_the_byte_alphabet_is_refused(corpus_file, tmp_path, capsys):
-    rc = run_main(
-        P.train, "--preset", "tiny", "--data", corpus_file, "--vocab-size", 256, "--out", tmp_path / "c"
-    )
-    err = capsys.readouterr().err
-    assert rc == 2 and "--vocab-size" in err and err.count("\n") == 1
+    rc = train_tiny("--data", corpus_file, "--vocab-size", 256, "--out", tmp_path / "c")
+    assert "--vocab-size" in assert_one_line_error(capsys, rc)
 
 
 def test_tokenizer_that_does_not_match_the_weights_is_refused(multilingual_checkpoint, tmp_path, capsys):
@@ -572,6 +564,5 @@ def test_tokenizer_that_does_not_match_the_weights_is_refused(multilingual_check
     copy = shutil.copytree(ckpt, tmp_path / "ckpt")
     vocab, merges = P.tokenizer.train_bpe_from_text(data.read_text(encoding="utf-8"), 280, [EOT])
     P.tokenizer.Tokenizer(vocab, merges, [EOT]).save(copy / "tokenizer.json")  # 280 tokens, weights have 300
-    assert run_main(P.generate, "--checkpoint", copy) == 2
-    err = capsys.readouterr().err
-    assert "does not match" in err and err.count("\n") == 1
+    rc = run_main(P.generate, "--checkpoint", copy)
+    assert "does not match" in assert_one_line_error(capsys, rc)

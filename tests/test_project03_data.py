@@ -7,29 +7,18 @@ placed in a temporary tiktoken cache, and the Hugging Face `datasets` module is 
 
 import json
 import random
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_project, make_corpus, modules_installed, run_main
+from conftest import WORDS, fake_datasets, load_project, make_corpus, modules_installed, run_main
 
 P = load_project("project03_pretrain")
 S, PREP = P.shards, P.prepare
 UserError = S.UserError
 EOT = 50256
-GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-
-
-@pytest.fixture(scope="session")
-def enc(tiktoken_gpt2):
-    """tiktoken's gpt2 encoding, loaded offline by conftest's session fixture."""
-    return tiktoken_gpt2
-
-
-_WORDS = "the king queen lord good sir thou art love night day naïve café 東京 😀 don't 1066 3.14".split()
+DOC_WORDS = WORDS + "naïve café 東京 😀 don't 1066 3.14".split()
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -37,7 +26,7 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
-        lines = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 4))]
+        lines = [" ".join(rng.choices(DOC_WORDS, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 4))]
         if rng.random() < 0.2:
             lines.append("text <|endoftext|> inside")
         docs.append("\n".join(lines))
@@ -130,9 +119,9 @@ def test_split_documents():
     assert PREP.split_documents(" \n\n\t") == []
 
 
-def test_prepare_text_equals_tiktoken_per_document(enc, tmp_path):
+def test_prepare_text_equals_tiktoken_per_document(tiktoken_gpt2, tmp_path):
     docs = make_docs(60)
-    expected = expected_tokens(enc, docs)
+    expected = expected_tokens(tiktoken_gpt2, docs)
     train, val = PREP.prepare_text("\n\n".join(docs), tmp_path / "w1", "toy", shard_tokens=97, workers=1)
     assert [p.name for p in val] == [f"toy_val_{i:06d}.bin" for i in range(len(val))]
     assert [p.name for p in train] == [f"toy_train_{i:06d}.bin" for i in range(len(train))]
@@ -148,7 +137,7 @@ def test_prepare_text_equals_tiktoken_per_document(enc, tmp_path):
     assert [p.read_bytes() for p in train2 + val2] == [p.read_bytes() for p in train + val]
 
 
-def test_prepare_replaces_old_shards_and_leaves_no_temporary_files(enc, tmp_path):
+def test_prepare_replaces_old_shards_and_leaves_no_temporary_files(tmp_path):
     text = "\n\n".join(make_docs(30, seed=1))
     PREP.prepare_text(text, tmp_path, "toy", shard_tokens=20, workers=1)
     assert len(S.list_shards(tmp_path, "train")) > 1
@@ -166,19 +155,7 @@ def test_wikitext_rows_grouped_into_articles():
     ]
 
 
-def fake_datasets(monkeypatch, load_dataset) -> list:
-    """Replace the datasets package by one whose load_dataset is ours; returns the calls it gets."""
-    calls = []
-
-    def record(*args, **kwargs):
-        calls.append((args, kwargs))
-        return load_dataset(*args, **kwargs)
-
-    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=record))
-    return calls
-
-
-def test_wikitext_uses_its_train_and_validation_splits(enc, tmp_path, monkeypatch):
+def test_wikitext_uses_its_train_and_validation_splits(tiktoken_gpt2, tmp_path, monkeypatch):
     def rows(docs):
         return [
             r
@@ -192,13 +169,13 @@ def test_wikitext_uses_its_train_and_validation_splits(enc, tmp_path, monkeypatc
     assert run_main(PREP, "--out", tmp_path, "--shard-tokens", 50, "--workers", 1) == 0
     assert calls == [(("Salesforce/wikitext", "wikitext-103-raw-v1"), {})]
     articles = lambda docs: list(PREP.wikitext_articles(rows(docs)))  # noqa: E731
-    assert split_tokens(tmp_path, "train").tolist() == expected_tokens(enc, articles(train_docs))
-    assert split_tokens(tmp_path, "val").tolist() == expected_tokens(enc, articles(val_docs))
+    assert split_tokens(tmp_path, "train").tolist() == expected_tokens(tiktoken_gpt2, articles(train_docs))
+    assert split_tokens(tmp_path, "val").tolist() == expected_tokens(tiktoken_gpt2, articles(val_docs))
     assert S.list_shards(tmp_path, "val")[0].name == "wikitext_val_000000.bin"
 
 
 @pytest.mark.parametrize("max_docs", [None, 20])
-def test_fineweb_holds_out_the_start_of_the_stream(enc, tmp_path, monkeypatch, max_docs):
+def test_fineweb_holds_out_the_start_of_the_stream(tiktoken_gpt2, tmp_path, monkeypatch, max_docs):
     docs = make_docs(40, seed=4)
     calls = fake_datasets(monkeypatch, lambda *a, **k: iter({"text": d} for d in docs))
     flags = ["--dataset", "fineweb-edu", "--out", tmp_path, "--shard-tokens", 50, "--workers", 1]
@@ -208,15 +185,17 @@ def test_fineweb_holds_out_the_start_of_the_stream(enc, tmp_path, monkeypatch, m
     ]
     train, val = split_tokens(tmp_path, "train").tolist(), split_tokens(tmp_path, "val").tolist()
     if max_docs is None:  # the first shard's worth of tokens, as in llm.c
-        everything = expected_tokens(enc, docs)
+        everything = expected_tokens(tiktoken_gpt2, docs)
         assert val == everything[:50] and train == everything[50:]
     else:  # the first tenth of the documents
-        assert val == expected_tokens(enc, docs[:2]) and train == expected_tokens(enc, docs[2:20])
+        assert val == expected_tokens(tiktoken_gpt2, docs[:2]) and train == expected_tokens(
+            tiktoken_gpt2, docs[2:20]
+        )
 
 
 @pytest.mark.parametrize("dataset", ["wikitext", "fineweb-edu"])
 @pytest.mark.parametrize("when", ["load", "mid-stream"])
-def test_network_failure_is_one_line_suggesting_data(enc, tmp_path, monkeypatch, capsys, dataset, when):
+def test_network_failure_is_one_line_suggesting_data(tmp_path, monkeypatch, capsys, dataset, when):
     def stream():
         yield {"text": "a first document"}
         raise ConnectionError("connection reset by peer")
@@ -239,7 +218,7 @@ def test_network_failure_is_one_line_suggesting_data(enc, tmp_path, monkeypatch,
     assert sorted(tmp_path.iterdir()) == [old]  # the previous shards are untouched, no partial new ones
 
 
-def test_main_with_a_local_file(enc, tmp_path, capsys):
+def test_main_with_a_local_file(tiktoken_gpt2, tmp_path, capsys):
     text = make_corpus(200)
     (tmp_path / "play.txt").write_text(text, encoding="utf-8")
     with modules_installed(P):
@@ -256,7 +235,7 @@ def test_main_with_a_local_file(enc, tmp_path, capsys):
         assert run_main(PREP, *flags) == 0
     train, val = split_tokens(tmp_path / "out", "train"), split_tokens(tmp_path / "out", "val")
     assert len(S.list_shards(tmp_path / "out", "train")) > 1 and len(val) > 0
-    expected = expected_tokens(enc, PREP.split_documents(text))  # speeches between blank lines
+    expected = expected_tokens(tiktoken_gpt2, PREP.split_documents(text))  # speeches between blank lines
     assert np.concatenate([train, val]).tolist() == expected
     assert "wrote" in capsys.readouterr().out
 
@@ -264,12 +243,12 @@ def test_main_with_a_local_file(enc, tmp_path, capsys):
                     "--workers", 1) == 0  # fmt: skip
     assert np.concatenate([split_tokens(tmp_path / "one", s) for s in ("train", "val")]).tolist() == [
         EOT,
-        *enc.encode_ordinary(text),
+        *tiktoken_gpt2.encode_ordinary(text),
     ]
 
 
 @pytest.mark.parametrize("content", ["", " \n\n\t\n"])
-def test_main_with_an_empty_file_exits_2(enc, tmp_path, capsys, content):
+def test_main_with_an_empty_file_exits_2(tmp_path, capsys, content):
     (tmp_path / "empty.txt").write_text(content, encoding="utf-8")
     assert run_main(PREP, "--data", tmp_path / "empty.txt", "--out", tmp_path / "out", "--workers", 1) == 2
     err = capsys.readouterr().err

@@ -6,43 +6,10 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import load_project
+from conftest import TINY_HF, load_project, random_ids, tiny_gpt, tiny_hf_model
 
 P = load_project("project03_pretrain")
-
-TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100)
 TOL = 1e-4  # max abs logit difference; both sides compute in float32
-
-
-def perturb_(model: torch.nn.Module, seed: int) -> None:
-    """Add noise to every parameter: fresh models have zero biases and identity LayerNorms, which would let
-    a biases or LayerNorm mix-up go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def tiny_hf_model(seed: int = 0) -> "transformers.GPT2LMHeadModel":
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        **TINY, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=99, eos_token_id=99
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    perturb_(model, seed)
-    return model.eval()
-
-
-def tiny_ours(seed: int = 0):
-    torch.manual_seed(seed)
-    model = P.model.GPT(P.model.GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=2, n_embd=32))
-    perturb_(model, seed)
-    return model.eval()
-
-
-def random_ids(seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY["vocab_size"], (3, TINY["n_positions"]), generator=g)  # (B, T), T = context
 
 
 @torch.no_grad()
@@ -70,7 +37,7 @@ def test_openai_key_layout_loads():
     """OpenAI's own files have no "transformer." prefix and carry the attention mask buffers."""
     hf_model = tiny_hf_model()
     hf_sd = hf_model.transformer.state_dict()  # GPT2Model: h.0.attn.c_attn.weight, wte.weight, ...
-    for i in range(TINY["n_layer"]):
+    for i in range(TINY_HF["n_layer"]):
         hf_sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
         hf_sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     config = P.hf.config_from_hf(hf_model.config.to_dict())
@@ -80,7 +47,7 @@ def test_openai_key_layout_loads():
 
 
 def test_our_weights_give_our_logits_in_transformers():
-    ours = tiny_ours()
+    ours = tiny_gpt("project03_pretrain")
     hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**P.hf.config_to_hf(ours.config)))
     hf_model.load_state_dict(P.hf.state_dict_to_hf(ours), strict=True)
     assert hf_model.transformer.wte.weight.shape == (100, 32)  # the padding rows stay behind
@@ -88,7 +55,7 @@ def test_our_weights_give_our_logits_in_transformers():
 
 
 def test_save_hf_dir_loads_with_from_pretrained(tmp_path):
-    ours = tiny_ours()
+    ours = tiny_gpt("project03_pretrain")
     P.hf.save_hf_dir(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)

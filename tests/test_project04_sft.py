@@ -8,14 +8,24 @@ import functools
 import json
 import random
 import shutil
-import sys
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_project, make_instructions, project_dir, run_main, write_training_data
-from test_contract import assert_one_line_error
+from conftest import (
+    assert_one_line_error,
+    fake_datasets,
+    load_project,
+    make_instructions,
+    project_dir,
+    read_report,
+    run_main,
+    serve_named_file,
+    tiny_trainer,
+    with_flags,
+    write_json,
+    write_training_data,
+)
 
 P = load_project("project04_sft")
 D = P.data
@@ -31,12 +41,8 @@ RECORDS = [
 ]
 
 
-def train_tiny(*argv) -> int:
-    return run_main(P.train, "--preset", "tiny", "--device", "cpu", *argv)  # CPU: losses compared exactly
-
-
-def generate(*argv) -> int:
-    return run_main(P.generate, "--device", "cpu", *argv)
+train_tiny = tiny_trainer("project04_sft")
+generate = with_flags(P.generate, "--device", "cpu")
 
 
 def tiny_gpt(seed: int = 0, **changes) -> "P.model.GPT":
@@ -51,11 +57,6 @@ def numbered_records(n: int) -> list[dict]:
 
 def response_of(e: "D.Example") -> tuple[int, ...]:
     return tuple(e.ids[e.n_prompt :].tolist())  # response tokens and <|endoftext|>: the trained targets
-
-
-def write_json(path, records):
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
 
 
 def held_out_batches(data_file, block_size: int = 128, batch_size: int = 4) -> list[dict]:
@@ -340,16 +341,11 @@ ALPACA_ROWS = [
 
 
 def test_alpaca_download_maps_the_fields_and_is_saved_once(tmp_path, monkeypatch):
-    calls = []
-
-    def load_dataset(name, split, cache_dir=None):
-        calls.append((name, split))
-        return ALPACA_ROWS
-
-    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    calls = fake_datasets(monkeypatch, lambda *args, **kwargs: ALPACA_ROWS)
     monkeypatch.setattr(D, "ALPACA_FILE", tmp_path / "alpaca" / "alpaca.json")
     records, name = D.load_records(None)
-    assert calls == [("tatsu-lab/alpaca", "train")] and name == "alpaca.json"
+    assert [(args, kwargs["split"]) for args, kwargs in calls] == [(("tatsu-lab/alpaca",), "train")]
+    assert name == "alpaca.json"
     expected = [{k: r[k] for k in RECORD_FIELDS} for r in ALPACA_ROWS]
     assert records == expected
     assert json.loads((tmp_path / "alpaca" / "alpaca.json").read_text()) == expected
@@ -360,12 +356,33 @@ def test_failed_alpaca_download_says_use_data(tmp_path, monkeypatch):
     def load_dataset(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    fake_datasets(monkeypatch, load_dataset)
     monkeypatch.setattr(D, "ALPACA_FILE", tmp_path / "alpaca" / "alpaca.json")
     with pytest.raises(P.cli.UserError, match="tatsu-lab/alpaca") as err:
         D.load_records(None)
     assert "--data" in str(err.value) and "no network" in str(err.value)
     assert not (tmp_path / "alpaca").exists()  # nothing half-written
+
+
+def test_named_data_is_downloaded_once_and_trained_on(tmp_path, monkeypatch, capsys):
+    source = write_json(tmp_path / "source.json", make_instructions(20, seed=4))
+    saved = serve_named_file(monkeypatch, D, "instruction-data", source)
+    flags = ["--max-iters", 1, "--eval-samples", 0]
+    assert train_tiny("--data", "instruction-data", "--out", tmp_path / "out", *flags) == 0
+    assert saved.read_bytes() == source.read_bytes()
+    assert list(saved.parent.iterdir()) == [saved]  # no partial download left beside it
+    assert "on 18 records of instruction-data.json" in capsys.readouterr().out  # 20, 2 held out
+    source.unlink()  # the second time, the saved file is read: no download
+    assert D.load_records("instruction-data") == (make_instructions(20, seed=4), "instruction-data.json")
+
+
+def test_named_data_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch, capsys):
+    source = write_json(tmp_path / "source.json", make_instructions(20, seed=4))
+    saved = serve_named_file(monkeypatch, D, "instruction-data", source, sha256="0" * 64)
+    rc = train_tiny("--data", "instruction-data", "--out", tmp_path / "out")
+    assert "sha256" in assert_one_line_error(capsys, rc)
+    assert not any(saved.parent.glob("*"))  # neither the file nor a partial download
+    assert not (tmp_path / "out").exists()
 
 
 # --- training from a base model -------------------------------------------------------------------------
@@ -540,12 +557,7 @@ def test_benchmark_writes_the_results_schema(trained, tmp_path, capsys):
     flags = ["--repeats", 1, "--warmup", 0, "--device", "cpu"]
     rc = run_main(P.benchmark, "--checkpoint", trained, *flags, "--out", tmp_path)
     assert rc == 0
-    (path,) = tmp_path.glob("*.json")
-    assert path.name.endswith("-tiny.json")  # not the default preset
-    report = json.loads(path.read_text())
-    assert report["schema"] == 1 and report["project"] == "project04_sft" and report["preset"] == "tiny"
-    assert {"type", "name", "torch", "python"} <= set(report["device"])
-    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    rows = read_report(tmp_path, "project04_sft")
     base, tuned = rows[("val_loss", "base")], rows[("val_loss", "fine-tuned")]
     assert tuned["value"] < base["value"] and tuned["baseline"] == "base"
     assert tuned["ratio"] == pytest.approx(tuned["value"] / base["value"], abs=1e-3)

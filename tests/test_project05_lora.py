@@ -7,13 +7,21 @@ import os
 import peft
 import pytest
 import torch
-from conftest import load_project
+from conftest import (
+    TINY_HF,
+    base_weights,
+    load_project,
+    logits_of,
+    random_ids,
+    randomize_adapters_,
+    tiny_gpt,
+    tiny_hf_model,
+)
 from safetensors import safe_open
-from test_project03_hf import perturb_, random_ids, tiny_hf_model
 
-P = load_project("project05_lora")
+PROJECT = "project05_lora"
+P = load_project(PROJECT)
 L = P.lora
-TINY_GPT = dict(vocab_size=100, block_size=64, n_layer=2, n_head=2, n_embd=32)  # test_project03_hf's TINY
 HF_NAMES = {
     "attn.qkv": "attn.c_attn",
     "attn.proj": "attn.c_proj",
@@ -22,36 +30,11 @@ HF_NAMES = {
 }
 
 
-def tiny_gpt(seed: int = 0):
-    torch.manual_seed(seed)
-    model = P.model.GPT(P.model.GPTConfig(**TINY_GPT))
-    perturb_(model, seed)  # non-trivial biases and LayerNorms
-    return model.eval()
-
-
-@torch.no_grad()
-def logits_of(model) -> torch.Tensor:
-    return model(random_ids())[0]  # (B, T, V)
-
-
-def randomize_adapters_(model, seed: int = 0) -> None:
-    """Non-zero A and B everywhere: a fresh adapter (B = 0) would hide any mistake in the update path."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in L.lora_layers(model):
-            layer.lora_A.copy_(0.3 * torch.randn(layer.lora_A.shape, generator=g))
-            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
-
-
-def base_weights(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-
-
 def test_fresh_adapter_leaves_the_model_unchanged():
-    model = tiny_gpt()
+    model = tiny_gpt(PROJECT)
     expected = logits_of(model)
     names = L.apply_lora(model, L.LoRAConfig(r=4))
-    assert len(names) == 4 * TINY_GPT["n_layer"]
+    assert len(names) == 4 * TINY_HF["n_layer"]
     assert not any(m.training for m in model.modules())  # the new layers follow the model's eval()
     for layer in L.lora_layers(model):
         assert (
@@ -77,7 +60,7 @@ def test_lora_linear_shares_the_base_weight_and_merges_in_float32():
 
 
 def test_merged_equals_unmerged_and_unmerge_restores_the_base():
-    model = tiny_gpt()
+    model = tiny_gpt(PROJECT)
     before, base_logits = base_weights(model), logits_of(model)
     L.apply_lora(model, L.LoRAConfig(r=4))
     randomize_adapters_(model)
@@ -95,7 +78,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_base():
 
 
 def test_only_adapters_get_gradients_and_move():
-    model = tiny_gpt().train()  # with the default adapter dropout active
+    model = tiny_gpt(PROJECT).train()  # with the default adapter dropout active
     L.apply_lora(model, L.LoRAConfig())
     before = base_weights(model)
     # Every parameter goes to the optimizer, with weight decay: a frozen one must still not move.
@@ -173,7 +156,7 @@ def test_matches_peft_on_transformers_gpt2(targets):
 
 
 def test_adapter_files_round_trip_and_refuse_other_bases(tmp_path):
-    base = tiny_gpt(seed=0)
+    base = tiny_gpt(PROJECT, seed=0)
     model = copy.deepcopy(base)
     config = L.LoRAConfig(r=2, alpha=4.0, targets=("attn.qkv",))
     L.apply_lora(model, config)
@@ -191,7 +174,7 @@ def test_adapter_files_round_trip_and_refuse_other_bases(tmp_path):
     assert loaded == config and meta["base"]["checkpoint"] == "tiny"
     assert torch.equal(logits_of(fresh), logits_of(model))
 
-    other = tiny_gpt(seed=1)
+    other = tiny_gpt(PROJECT, seed=1)
     with pytest.raises(P.cli.UserError, match="different base model"):
         L.load_adapter(tmp_path, other)
     assert not L.lora_layers(other)  # refused before anything was changed
@@ -205,7 +188,7 @@ def test_adapter_files_round_trip_and_refuse_other_bases(tmp_path):
 
 
 def test_fingerprint_sees_a_one_weight_change():
-    model = tiny_gpt()
+    model = tiny_gpt(PROJECT)
     fingerprint = L.base_fingerprint(model)
     with torch.no_grad():
         model.blocks[1].mlp.fc.bias[3] += 1e-6
@@ -214,25 +197,25 @@ def test_fingerprint_sees_a_one_weight_change():
 
 @pytest.mark.parametrize("pattern", ["attn.qkvv", "kv", "lm_head", "wte"])
 def test_bad_targets_are_refused(pattern):
-    model = tiny_gpt()
+    model = tiny_gpt(PROJECT)
     with pytest.raises(P.cli.UserError, match=pattern):
         L.apply_lora(model, L.LoRAConfig(targets=("attn.qkv", pattern)))
     assert not L.lora_layers(model)
 
 
 def test_targets_match_whole_name_components():
-    model = tiny_gpt()
+    model = tiny_gpt(PROJECT)
     assert L.apply_lora(model, L.LoRAConfig(targets=("attn.proj",))) == [
         "blocks.0.attn.proj",
         "blocks.1.attn.proj",
     ]
     assert type(model.blocks[0].mlp.proj) is torch.nn.Linear
-    names = L.apply_lora(tiny_gpt(), L.LoRAConfig(targets=("proj",)))  # both kinds of proj, nothing else
+    names = L.apply_lora(tiny_gpt(PROJECT), L.LoRAConfig(targets=("proj",)))  # both kinds of proj, no other
     assert names == [f"blocks.{i}.{kind}.proj" for i in range(2) for kind in ("attn", "mlp")]
 
 
 def test_merge_and_unload_gives_a_plain_gpt():
-    model = tiny_gpt()
+    model = tiny_gpt(PROJECT)
     L.apply_lora(model, L.LoRAConfig(r=4))
     randomize_adapters_(model)
     L.merge_lora(model)
@@ -240,6 +223,6 @@ def test_merge_and_unload_gives_a_plain_gpt():
     plain = L.merge_and_unload(model)
     assert not L.lora_layers(plain) and not any("lora_" in k for k in plain.state_dict())
     torch.testing.assert_close(logits_of(plain), merged_logits, atol=1e-5, rtol=0)
-    fresh = P.model.GPT(P.model.GPTConfig(**TINY_GPT)).eval()
+    fresh = P.model.GPT(plain.config).eval()
     fresh.load_state_dict(plain.state_dict(), strict=True)
     assert torch.equal(logits_of(fresh), logits_of(plain))

@@ -10,9 +10,23 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_project, make_instructions, project_dir, run_main, write_training_data
+from conftest import (
+    assert_one_line_error,
+    base_weights,
+    digest,
+    load_project,
+    logits_of,
+    make_instructions,
+    printed,
+    project_dir,
+    read_report,
+    run_main,
+    tiny_trainer,
+    with_flags,
+    write_json,
+    write_training_data,
+)
 from safetensors.torch import load_file
-from test_contract import assert_one_line_error, digest
 
 P = load_project("project05_lora")
 L, C = P.lora, P.checkpoint
@@ -28,12 +42,8 @@ def lora_params(r: int) -> int:
     return C.SCRATCH_MODEL.n_layer * r * (4 + 2 + 5 + 5) * C.SCRATCH_MODEL.n_embd
 
 
-def train_tiny(*argv) -> int:
-    return run_main(P.train, "--preset", "tiny", "--device", "cpu", *argv)
-
-
-def generate(*argv) -> int:
-    return run_main(P.generate, "--device", "cpu", *argv)
+train_tiny = tiny_trainer("project05_lora")
+generate = with_flags(P.generate, "--device", "cpu")
 
 
 def scratch_base() -> "P.model.GPT":
@@ -51,22 +61,10 @@ def save_gpt(path, seed: int | None = None):
     return path
 
 
-def non_lora(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-
-
-@torch.no_grad()
-def logits_of(model) -> torch.Tensor:
-    idx = torch.randint(model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
-    return model(idx)[0]
-
-
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """40 records (36 to train on, 4 held out): every run here scores the held-out set twice."""
-    path = tmp_path_factory.mktemp("lora_data") / "train.json"
-    path.write_text(json.dumps(make_instructions(40)), encoding="utf-8")
-    return path
+    return write_json(tmp_path_factory.mktemp("lora_data") / "train.json", make_instructions(40))
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +109,8 @@ def greedy(*argv) -> str:
     """generate.py's greedy continuation of PROMPT, as printed. Plain text, not an instruction: 8 steps
     teach the adapter to end an answer with <|endoftext|> at once, and an empty answer would compare
     equal to anything empty."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert generate("--prompt", PROMPT, "--temperature", 0, "--max-new-tokens", 12, *argv) == 0
-    text = out.getvalue()
+    flags = ["--device", "cpu", "--prompt", PROMPT, "--temperature", 0, "--max-new-tokens", 12]
+    text = printed(P.generate, *flags, *argv)
     assert text.startswith(PROMPT) and len(text) > len(PROMPT) + 12  # twelve tokens of something
     return text
 
@@ -138,8 +134,8 @@ def test_training_saves_only_a_small_adapter(run, base_ckpt):
 
 def test_training_changes_the_adapters_and_nothing_else(run):
     model, before = run["model"], run["lora_before"]
-    base = non_lora(scratch_base())
-    trained = non_lora(model)
+    base = base_weights(scratch_base())
+    trained = base_weights(model)
     assert trained.keys() == base.keys()
     assert all(torch.equal(trained[k], base[k]) for k in base)  # the frozen base, bit for bit
     after = L.lora_state_dict(model)
@@ -294,15 +290,10 @@ def test_a_merged_checkpoint_is_a_base_and_an_adapter_is_not(run, merged, data_f
 
 
 def test_benchmark_compares_full_fine_tuning_with_lora_ranks(tmp_path):
-    data = tmp_path / "records.json"
-    data.write_text(json.dumps(make_instructions(40, seed=5)), encoding="utf-8")
+    data = write_json(tmp_path / "records.json", make_instructions(40, seed=5))
     flags = ["--preset", "tiny", "--data", data, "--steps", 2, "--ranks", "2,4", "--device", "cpu"]
     assert run_main(P.benchmark, *flags, "--out", tmp_path / "results") == 0
-    (path,) = (tmp_path / "results").glob("*.json")
-    assert path.name.endswith("-tiny.json")
-    report = json.loads(path.read_text())
-    assert report["schema"] == 1 and report["project"] == "project05_lora" and report["preset"] == "tiny"
-    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    rows = read_report(tmp_path / "results", "project05_lora")
     assert {v for _, v in rows} == {"full", "lora-r2", "lora-r4", "lora-r2 merged", "lora-r4 merged"}
     merged = rows[("decode_tok_per_s", "lora-r2 merged")]
     assert merged["baseline"] == "lora-r2" and merged["value"] > 0

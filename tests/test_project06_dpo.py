@@ -1,18 +1,18 @@
-"""Project 06's DPO: the loss against the paper's formulas worked out by hand, sequence log-probs against a
-per-token loop, preference batches, a few DPO steps on a tiny model that learn the preferences, and the
-preference data (local files, the Orca download through a fake `datasets`)."""
+"""Project 06's DPO: the loss against the paper's formulas worked out by hand (IPO on per-token averages),
+sequence log-probs against a per-token loop, the LoRA adapters switched off to serve as the reference,
+preference batches, a few DPO steps on a tiny model that learn the preferences, and the preference data
+(local files, the Orca download through a fake `datasets`)."""
 
 import copy
 import json
 import math
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_project
+from conftest import fake_datasets, load_project, logits_of, randomize_adapters_, tiny_gpt, write_json
 
-P = load_project("project06_dpo")
+PROJECT = "project06_dpo"
+P = load_project(PROJECT)
 IGNORE = P.data.IGNORE
 TINY = P.model.GPTConfig(vocab_size=50257, block_size=128, n_layer=2, n_head=2, n_embd=32)
 RECORDS = [
@@ -136,6 +136,50 @@ def test_sequence_logprobs_is_float32_for_bf16_logits():
     torch.testing.assert_close(got, P.dpo.sequence_logprobs(logits.float(), targets))
 
 
+def test_average_logprobs_divide_by_the_scored_tokens():
+    """IPO's per-token average: the sum over the scored targets, divided by how many there are (not by T)."""
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    logits = probs.log().expand(2, 5, 4)  # log_softmax of these is log(probs) again
+    targets = torch.tensor([[IGNORE, 0, 1, IGNORE, IGNORE], [IGNORE, 2, 0, 3, 3]])
+    ln2 = math.log(2)
+    total = [-1 * ln2 - 2 * ln2, -3 * ln2 - 1 * ln2 - 3 * ln2 - 3 * ln2]  # log 1/2 + log 1/4; ...
+    torch.testing.assert_close(P.dpo.sequence_logprobs(logits, targets), torch.tensor(total))
+    average = P.dpo.sequence_logprobs(logits, targets, average=True)
+    torch.testing.assert_close(average, torch.tensor([total[0] / 2, total[1] / 4]))
+
+
+def test_ipo_loss_on_average_logprobs_by_hand():
+    """(h - 1/(2 beta))^2 with h the margin of per-token average log-probs: beta 0.25 makes the target 2."""
+    policy_chosen, policy_rejected = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -1.0])
+    ref_chosen, ref_rejected = torch.tensor([-1.0, -1.5]), torch.tensor([-1.0, -1.5])
+    # h = (-0.5 + 1.0) - (-1.5 + 1.0) = 1.0 and (-2.0 + 1.5) - (-1.0 + 1.5) = -1.0
+    loss, metrics = P.dpo.dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.25, loss_type="ipo"
+    )
+    expected = ((1.0 - 2.0) ** 2 + (-1.0 - 2.0) ** 2) / 2  # 5.0
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and metrics["loss"] == pytest.approx(expected)
+
+
+# --- the reference as the policy with its adapters off ---------------------------------------------------
+
+
+def test_adapters_disabled_gives_the_base_model():
+    L = P.lora
+    model = tiny_gpt(PROJECT)
+    base_logits = logits_of(model)
+    L.apply_lora(model, L.LoRAConfig(r=4))
+    randomize_adapters_(model)
+    lora_logits = logits_of(model)
+    assert not torch.allclose(lora_logits, base_logits, atol=1e-3)  # the adapters do change the output
+    with L.adapters_disabled(model):
+        assert torch.equal(logits_of(model), base_logits)
+    assert torch.equal(logits_of(model), lora_logits)  # on again afterwards
+    for layer in L.lora_layers(model):
+        layer.merge()  # W holds B A now: switching the adapters off would no longer give the base
+    with pytest.raises(RuntimeError, match="merged"), L.adapters_disabled(model):
+        pass
+
+
 # --- pairs and batches ----------------------------------------------------------------------------------
 
 
@@ -228,11 +272,6 @@ def test_a_few_dpo_steps_learn_the_preferences():
 # --- preference records ---------------------------------------------------------------------------------
 
 
-def write_json(path, records):
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
-
-
 def test_missing_rejected_names_the_record_and_the_field(tmp_path):
     records = [RECORDS[0], {"instruction": "Say hi.", "chosen": "Hi!"}]
     with pytest.raises(P.cli.UserError, match=r"record 1 has no 'rejected' field"):
@@ -264,16 +303,11 @@ ORCA_ROWS = [
 
 
 def test_orca_download_maps_system_and_question(tmp_path, monkeypatch, capsys):
-    calls = []
-
-    def load_dataset(name, split, cache_dir=None):
-        calls.append((name, split))
-        return ORCA_ROWS
-
-    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    calls = fake_datasets(monkeypatch, lambda *args, **kwargs: ORCA_ROWS)
     monkeypatch.setattr(P.preference, "ORCA_FILE", tmp_path / "orca_dpo_pairs" / "orca_dpo_pairs.json")
     records, name = P.preference.load_preference_records(None)
-    assert calls == [("Intel/orca_dpo_pairs", "train")] and name == "orca_dpo_pairs.json"
+    assert [(args, kwargs["split"]) for args, kwargs in calls] == [(("Intel/orca_dpo_pairs",), "train")]
+    assert name == "orca_dpo_pairs.json"
     assert records == [
         {
             "instruction": "You are a helpful assistant.\n\nWhat is 2+2?",
@@ -291,7 +325,7 @@ def test_failed_orca_download_says_use_data(tmp_path, monkeypatch):
     def load_dataset(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    fake_datasets(monkeypatch, load_dataset)
     monkeypatch.setattr(P.preference, "ORCA_FILE", tmp_path / "orca_dpo_pairs" / "orca_dpo_pairs.json")
     with pytest.raises(P.cli.UserError, match="Intel/orca_dpo_pairs") as err:
         P.preference.load_preference_records(None)

@@ -12,8 +12,17 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_project, make_preferences, run_main
-from test_contract import assert_one_line_error, digest
+from conftest import (
+    assert_one_line_error,
+    digest,
+    load_project,
+    make_preferences,
+    read_report,
+    run_main,
+    serve_named_file,
+    tiny_trainer,
+    write_json,
+)
 
 P = load_project("project06_dpo")
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -25,9 +34,7 @@ IPO_BETA = 0.25  # IPO's target margin 1 / (2 beta) = 2: its loss with policy = 
 ANSWER_TOKENS = 8  # eval.json's answers, cut short: a 128-token greedy answer costs seconds on a CPU
 
 
-def train_tiny(*argv) -> int:
-    flags = ["--preset", "tiny", "--device", "cpu", "--batch-size", 2, "--eval-samples", 0]
-    return run_main(P.train, *flags, *argv)
+train_tiny = tiny_trainer("project06_dpo", "--batch-size", 2, "--eval-samples", 0)
 
 
 def metrics_of(ckpt) -> list[dict]:
@@ -56,11 +63,6 @@ def evaluate_against(policy, reference, batches, tc) -> dict:
 
 def scratch_model():
     return P.checkpoint.load_base("scratch", CPU, P.checkpoint.DEFAULT_DIR)[0].eval()
-
-
-def write_json(path, records):
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +258,28 @@ def test_bad_preference_records_end_training_with_one_line(tmp_path, capsys, rec
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+def test_named_preference_data_is_downloaded_once_and_trained_on(tmp_path, monkeypatch, capsys):
+    source = write_json(tmp_path / "source.json", make_preferences(N_RECORDS, seed=4))
+    saved = serve_named_file(monkeypatch, P.data, "instruction-data-with-preference", source)
+    flags = ["--data", "instruction-data-with-preference", "--max-iters", 1]
+    assert train_tiny(*flags, "--out", tmp_path / "out") == 0
+    assert saved.read_bytes() == source.read_bytes()
+    assert list(saved.parent.iterdir()) == [saved]  # no partial download left beside it
+    assert f"; {N_RECORDS - 2} pairs of instruction-data-with-preference.json" in capsys.readouterr().out
+    source.unlink()  # the second time, the saved file is read: no download
+    records, _ = P.preference.load_preference_records("instruction-data-with-preference")
+    assert records == make_preferences(N_RECORDS, seed=4)
+
+
+def test_named_preference_data_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch, capsys):
+    source = write_json(tmp_path / "source.json", make_preferences(N_RECORDS))
+    saved = serve_named_file(monkeypatch, P.data, "instruction-data-with-preference", source, "0" * 64)
+    rc = train_tiny("--data", "instruction-data-with-preference", "--out", tmp_path / "out")
+    assert "sha256" in assert_one_line_error(capsys, rc)
+    assert not any(saved.parent.glob("*"))  # neither the file nor a partial download
+    assert not (tmp_path / "out").exists()
+
+
 # --- the starting model ---------------------------------------------------------------------------------
 
 
@@ -301,12 +325,7 @@ def test_auto_without_a_project04_checkpoint_falls_back_to_scratch(data_file, tm
 def test_benchmark_writes_the_results_schema(dpo_run, tmp_path):
     flags = ["--repeats", 1, "--warmup", 0, "--device", "cpu"]
     assert run_main(P.benchmark, "--checkpoint", dpo_run, *flags, "--out", tmp_path) == 0
-    (path,) = tmp_path.glob("*.json")
-    assert path.name.endswith("-tiny.json")  # not the default preset
-    report = json.loads(path.read_text())
-    assert report["schema"] == 1 and report["project"] == "project06_dpo" and report["preset"] == "tiny"
-    assert {"type", "name", "torch", "python"} <= set(report["device"])
-    rows = {(r["metric"], r["variant"]): r for r in report["rows"]}
+    rows = read_report(tmp_path, "project06_dpo")
     training = config_of(dpo_run)["training"]
     before, after = training["before"], training["after"]
     # The same held-out pairs and the same reference as training's own evaluations.
