@@ -1,6 +1,6 @@
-"""The lineage (CONTRIBUTING.md): every project is a copy of its parent plus one idea, and says exactly what it
-changed. So `diff -ru <parent> <project>` shows only the files its README's "Changes from" section names, a fix
-made in one copy and not in the others fails here, and no project carries code it does not use."""
+"""The lineage (CONTRIBUTING.md): every project is a copy of its parent plus one idea, and says exactly what
+it changed. So `diff -ru <parent> <project>` shows only the files its README's "Changes from" section names,
+a fix made in one copy and not in the others fails here, and no project carries code it does not use."""
 
 import re
 import subprocess

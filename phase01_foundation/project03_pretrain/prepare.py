@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None):
         "--shard-tokens",
         type=positive_int,
         default=100_000_000,
-        help="tokens per shard (default: 100,000,000 = 200 MB)",
+        help="tokens per shard (2 bytes each)",
     )
     p.add_argument(
         "--workers",

@@ -162,7 +162,8 @@ def download_named(name: str) -> Path:
                 while chunk := response.read(1 << 16):
                     bar.update(f.write(chunk))
         if hashlib.sha256(tmp.read_bytes()).hexdigest() != sha256:
-            raise UserError(f"download of {url} is corrupt (its sha256 differs); run again")
+            raise UserError(f"download of {url} is corrupt (its sha256 differs); run again, or pass a local "
+                            "JSON file with --data FILE")  # fmt: skip
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
         raise UserError(f"could not download {url} ({e}); pass a local JSON file with --data FILE") from e
