@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and not args.metric:  # checked before anything is printed
         print("error: --plot draws one metric; choose it with --metric", file=sys.stderr)
         return 2
+    if args.plot and args.plot.suffix.lower() != ".png":
+        print(f"error: --plot {args.plot}: give a file name ending in .png", file=sys.stderr)
+        return 2
     if args.plot and not args.plot.parent.is_dir():
         print(f"error: cannot write {args.plot}: no folder {args.plot.parent}", file=sys.stderr)
         return 2

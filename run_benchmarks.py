@@ -38,7 +38,7 @@ TINY_SHAKESPEARE_URL = (
 @dataclass
 class Job:
     project: str
-    what: str
+    what: dict[str, str]  # per device type: what the job measures there
     seconds: dict[str, int]  # this job's share of the budget, per device type, before scaling
     # device -> [(script, args)]; a script is this project's, or another's as "projectNN_name/script.py"
     steps: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
@@ -52,18 +52,21 @@ def plan() -> list[Job]:
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
                  "--eval-iters", "2", "--total-batch-tokens", "65536", "--out", p03, new]  # fmt: skip
     return [
-        Job("project03_pretrain", "GPT-2 124M training tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
+        Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
+                                   "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
             {"cuda": 110, "cpu": 50},
             {"cuda": [("benchmark.py", ["--preset", "gpt2"])],
              "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "3",
                                        "--variants", "fp32-explicit,fp32-sdpa"])]}),
-        Job("project01_minimal_gpt", "nanoGPT's shakespeare_char run (nanoGPT's val loss: 1.4697), and speed",
+        Job("project01_minimal_gpt", {"cuda": "nanoGPT's shakespeare_char run (val loss 1.4697 there), speed",
+                                      "cpu": "the cpu preset's speed (and the val loss of a cpu checkpoint)"},
             {"cuda": 200, "cpu": 40},
             {"cuda": [("train.py", ["--data", str(TEXT), "--out", p01, new]),
                       ("benchmark.py", ["--checkpoint", p01, "--data", str(TEXT)])],
              "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "5",
                                        "--gen-tokens", "100", "--checkpoint", p01])]}),
-        Job("project04_sft", "SFT at the base's shape: padded vs packed steps, loss before and after",
+        Job("project04_sft", {"cuda": "SFT at GPT-2 124M's shape: padded vs packed steps",
+                              "cpu": "SFT on a tiny model: padded vs packed steps"},
             {"cuda": 60, "cpu": 50},
             {"cuda": [("project03_pretrain/train.py", gpt2_base),
                       ("train.py", ["--preset", "gpt2", "--init-from", p03, *sft, "--max-iters", "20",
@@ -72,12 +75,14 @@ def plan() -> list[Job]:
              "cpu": [("train.py", ["--preset", "cpu", "--init-from", "scratch", *sft, "--max-iters", "10",
                                    "--eval-interval", "10", *no_eval, "--out", p04, new]),
                      ("benchmark.py", ["--checkpoint", p04, "--warmup", "1", "--repeats", "4"])]}),
-        Job("project05_lora", "full fine-tuning vs LoRA r=4/8/16: memory, optimizer state, step time",
+        Job("project05_lora", {"cuda": "full fine-tuning vs LoRA r=4/8/16 at GPT-2 124M's shape",
+                               "cpu": "full fine-tuning vs LoRA r=8 on a tiny model"},
             {"cuda": 60, "cpu": 50},
             {"cuda": [("benchmark.py", ["--preset", "gpt2", "--init-from", p03, *sft, "--steps", "30"])],
              "cpu": [("benchmark.py", ["--preset", "cpu", "--init-from", "scratch", *sft, "--steps", "6",
                                        "--ranks", "8", "--gen-tokens", "16"])]}),
-        Job("project06_dpo", "DPO: preference accuracy, and the three reference models' costs",
+        Job("project06_dpo", {"cuda": "DPO at GPT-2 124M's shape: the three reference models' costs",
+                              "cpu": "DPO on a tiny model: the three reference models' costs"},
             {"cuda": 50, "cpu": 70},
             {"cuda": [("train.py", ["--preset", "gpt2", "--init-from", p04, *prefs, "--max-iters", "20",
                                     *no_eval, "--out", p06, new]),
@@ -85,7 +90,8 @@ def plan() -> list[Job]:
              "cpu": [("train.py", ["--preset", "cpu", "--init-from", "scratch", *prefs, "--max-iters", "6",
                                    "--eval-interval", "6", *no_eval, "--out", p06, new]),
                      ("benchmark.py", ["--checkpoint", p06, "--warmup", "1", "--repeats", "2"])]}),
-        Job("project02_tokenizer", "our BPE vs tiktoken: encode MB/s, training time (on the CPU cores)",
+        Job("project02_tokenizer", {"cuda": "our BPE vs tiktoken: encode MB/s, training time (CPU cores)",
+                                    "cpu": "our BPE vs tiktoken: encode MB/s, training time"},
             {"cuda": 30, "cpu": 40},
             {"cuda": [("benchmark.py", ["--data", str(TEXT), "--vocab-sizes", "500,1024,4096",
                                         "--device", "cpu"])],
@@ -167,10 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.budget / sum(j.seconds[args.device] for j in jobs)
     if args.list:
         for job in jobs:
-            print(f"{job.project} ({job.seconds[args.device] * scale:.0f} s): {job.what}")
+            print(f"{job.project} ({job.seconds[args.device] * scale:.0f} s): {job.what[args.device]}")
             for script, step_args in job.steps[args.device]:
                 print(f"    python {script} {' '.join(step_args)}")
         return 0
+    if args.device == "cuda" and not _has_cuda():
+        print("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu", file=sys.stderr)
+        return 2
+    if not args.publish and _unwritable(args.out):
+        print(f"error: cannot write results into --out {args.out}", file=sys.stderr)
+        return 2
     missing = [str(path) for path in (TEXT, SHARDS) if not path.exists()]
     if missing:
         print(
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    started_at, failed = time.time(), False
     deadline, summary = time.monotonic() + args.budget, []
     for i, job in enumerate(jobs):
         left = deadline - time.monotonic()
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if limit < 5:
             summary.append(f"{job.project}: not run (the budget was spent)")
             continue
-        print(f"\n=== {job.project}: {job.what} ({limit:.0f} s)", flush=True)
+        print(f"\n=== {job.project}: {job.what[args.device]} ({limit:.0f} s)", flush=True)
         folder, started = project_folder(job.project), time.monotonic()
         out = ["--publish"] if args.publish else ["--out", str((args.out / job.project).resolve())]
         codes = []
@@ -200,20 +213,23 @@ def main(argv: list[str] | None = None) -> int:
             extra = [] if "--device" in step_args else ["--device", args.device]
             extra += out if script == "benchmark.py" else []
             codes.append(_run(folder, script, step_args + extra, remaining))
+        failed |= any(code not in (0, 130, "not run") for code in codes)  # 130: cut short by the budget
         summary.append(f"{job.project}: exit codes {codes} in {time.monotonic() - started:.0f} s")
     print("\n" + "\n".join(summary))
-    return _print_table(args)
+    _print_table(args, started_at)
+    return 1 if failed else 0
 
 
-def _print_table(args) -> int:
-    """The one table of what this run wrote (compare_benchmarks.py's format)."""
+def _print_table(args, started_at: float) -> None:
+    """The one table of what this run wrote (compare_benchmarks.py's format): files older than the run are
+    earlier runs', and left out."""
     spec = importlib.util.spec_from_file_location("compare_benchmarks", ROOT / "compare_benchmarks.py")
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
     files = (sorted(ROOT.glob("phase*/project*/results/*.json")) if args.publish
              else sorted(args.out.glob("*/*.json")))  # fmt: skip
     rows = []
-    for path in files:
+    for path in (f for f in files if f.stat().st_mtime >= started_at):
         report = json.loads(path.read_text())
         if args.device in report["device"]["type"]:
             device, preset = report["device"]["name"], report["preset"]
@@ -221,7 +237,11 @@ def _print_table(args) -> int:
             rows += [{**source, **r} for r in report["rows"]]
     if rows:
         print("\n" + compare.format_table(sorted(rows, key=lambda r: (r["project"], r["metric"]))))
-    return 0
+
+
+def _unwritable(path: Path) -> bool:
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    return not existing.is_dir() or not os.access(existing, os.W_OK)
 
 
 def _has_cuda() -> bool:

@@ -23,6 +23,7 @@ from conftest import (
     printed,
     project_tokenizer,
     run_main,
+    tiny_gpt,
     train_tiny,
     write_training_data,
 )
@@ -240,6 +241,32 @@ def test_out_that_is_not_a_checkpoint_is_left_alone(project, corpus_file, tmp_pa
     rc = train_tiny(project, "--data", corpus_file, "--out", folder)
     assert "not a checkpoint" in assert_one_line_error(capsys, rc)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_out_that_cannot_be_written_is_refused_before_training(
+    project, corpus_file, tmp_path, monkeypatch, capsys
+):
+    """A file where --out's folder should be: found before the first step, not at the first save."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    steps = []
+    monkeypatch.setattr(load_project(project).train, "train_step", lambda *a, **k: steps.append(1))
+    rc = train_tiny(project, "--data", corpus_file, "--out", afile / "run")
+    assert "cannot write --out" in assert_one_line_error(capsys, rc)
+    assert steps == [] and afile.read_text() == "keep me"
+
+
+def test_benchmark_names_another_projects_checkpoint(project, tmp_path, capsys):
+    """benchmark.py reads a run's training settings: another project's run is named, not misread."""
+    if "--checkpoint" not in printed(load_project(project).benchmark, "--help"):
+        pytest.skip("this project's benchmark reads no checkpoint")
+    other = "project03_pretrain" if project.name != "project03_pretrain" else "project01_minimal_gpt"
+    meta = {"tokenizer": {"type": "tiktoken" if other == "project03_pretrain" else "char"}, "training": {}}
+    load_project(other).checkpoint.save_checkpoint(tmp_path / "other", tiny_gpt(other), meta)
+    rc = run_main(
+        load_project(project).benchmark, "--checkpoint", tmp_path / "other", "--out", tmp_path / "r"
+    )
+    assert other in assert_one_line_error(capsys, rc)
 
 
 @pytest.mark.parametrize("flag", [["--seed", "-1"], ["--lr", "-1"], ["--lr", "nan"]])

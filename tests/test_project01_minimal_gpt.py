@@ -250,8 +250,8 @@ def test_benchmark_writes_to_data_benchmarks_unless_published(tmp_path, monkeypa
     monkeypatch.setattr(P.results, "LOCAL_DIR", tmp_path / "local")
     monkeypatch.setattr(P.results, "PUBLISHED_DIR", tmp_path / "published")
     monkeypatch.setattr(P.results, "REPO_ROOT", tmp_path)  # --help shows PUBLISHED_DIR relative to it
-    flags = ["--preset", "tiny", "--checkpoint", tmp_path / "none", "--warmup", 0, "--repeats", 1,
-             "--gen-tokens", 2]  # fmt: skip
+    monkeypatch.setattr(P.benchmark, "DEFAULT_DIR", tmp_path / "none")  # no checkpoint: val loss not measured
+    flags = ["--preset", "tiny", "--warmup", 0, "--repeats", 1, "--gen-tokens", 2]
     runs = [([], "local"), (["--out", tmp_path / "mine"], "mine"), (["--publish"], "published")]
     for extra, folder in runs:
         assert run_main(P.benchmark, *flags, *extra) == 0
@@ -301,3 +301,10 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_anything_runs(corpu
     assert "--batch-size" in assert_one_line_error(capsys, rc)
     assert time.perf_counter() - start < 30  # worked out from the sizes, not found out by allocating
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_refuses_a_checkpoint_that_is_not_there(tmp_path, capsys):
+    """Named on the command line, a missing checkpoint is a mistake (a typo), not "not measured"."""
+    rc = run_main(P.benchmark, "--preset", "tiny", "--checkpoint", tmp_path / "typo", "--out", tmp_path)
+    assert "no checkpoint at" in assert_one_line_error(capsys, rc)
+    assert not list(tmp_path.glob("*.json"))

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, fake_datasets, load_project, make_corpus, modules_installed, run_main
+from conftest import (
+    WORDS,
+    assert_one_line_error,
+    fake_datasets,
+    load_project,
+    make_corpus,
+    modules_installed,
+    run_main,
+)
 
 P = load_project("project03_pretrain")
 S, PREP = P.shards, P.prepare
@@ -211,11 +219,28 @@ def test_network_failure_is_one_line_suggesting_data(tmp_path, monkeypatch, caps
 
     fake_datasets(monkeypatch, load_dataset)
     old = S.write_shard(tmp_path / f"{dataset}_train_000000.bin", np.arange(10))
-    assert run_main(PREP, "--dataset", dataset, "--out", tmp_path, "--workers", 1) == 2
+    assert run_main(PREP, "--dataset", dataset, "--out", tmp_path, "--workers", 1, "--overwrite") == 2
     err = capsys.readouterr().err
     assert {"wikitext": "WikiText-103", "fineweb-edu": "FineWeb-Edu"}[dataset] in err
     assert "--data FILE" in err and "Traceback" not in err
     assert sorted(tmp_path.iterdir()) == [old]  # the previous shards are untouched, no partial new ones
+
+
+def test_shards_go_into_a_folder_of_their_own(tmp_path, capsys):
+    """prepare.py never mixes corpora in one folder (train.py reads every shard there), and replaces shards of
+    the same name only with --overwrite (a run trained on them could no longer --resume exactly)."""
+    text = tmp_path / "play.txt"
+    text.write_text(make_corpus(50), encoding="utf-8")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")
+    rc = run_main(PREP, "--data", text, "--out", tmp_path / "mixed", "--workers", 1)
+    assert "other files" in assert_one_line_error(capsys, rc)
+    (tmp_path / "shards").mkdir()
+    old = S.write_shard(tmp_path / "shards" / "play_train_000000.bin", np.arange(10))
+    rc = run_main(PREP, "--data", text, "--out", tmp_path / "shards", "--workers", 1)
+    assert "--overwrite" in assert_one_line_error(capsys, rc)
+    assert S.read_shard(old).tolist() == list(range(10))
+    assert run_main(PREP, "--data", text, "--out", tmp_path / "shards", "--workers", 1, "--overwrite") == 0
 
 
 def test_main_with_a_local_file(tiktoken_gpt2, tmp_path, capsys):

@@ -206,6 +206,13 @@ def test_a_target_that_matches_no_layer_is_refused(data_file, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_rank_above_a_layers_width_is_refused(data_file, tmp_path, capsys):
+    """The tiny model is 32 wide: a rank of 33 would not be low-rank (and 100,000 would not finish)."""
+    rc = train_tiny("--data", data_file, "--out", tmp_path / "out", "--lora-r", 33)
+    assert "LoRA rank 33" in assert_one_line_error(capsys, rc)
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_cannot_change_the_rank(run, data_file, tmp_path, capsys):
     copy = shutil.copytree(run["out"], tmp_path / "ckpt")
     before = digest(copy)
@@ -270,6 +277,20 @@ def test_merge_refuses_an_existing_out_and_a_full_checkpoint(run, merged, tmp_pa
     rc = run_main(P.merge, "--checkpoint", merged, "--out", tmp_path / "again")
     assert "not an adapter" in assert_one_line_error(capsys, rc)
     assert not (tmp_path / "again").exists()
+
+
+def test_merge_never_writes_over_the_adapter_it_merges(run, tmp_path, capsys):
+    copy = shutil.copytree(run["out"], tmp_path / "adapter")
+    before = digest(copy)
+    rc = run_main(P.merge, "--checkpoint", copy, "--out", copy, "--overwrite")
+    assert "is the adapter being merged" in assert_one_line_error(capsys, rc)
+    assert digest(copy) == before  # the adapter, its train state and metrics are all still there
+
+
+def test_base_and_merge_flags_on_a_whole_model_are_refused(merged, capsys):
+    for flags in (["--merge"], ["--base", "gpt2"]):
+        rc = run_main(P.generate, "--checkpoint", merged, *flags, "--max-new-tokens", 2)
+        assert "apply to an adapter" in assert_one_line_error(capsys, rc)
 
 
 def test_a_merged_checkpoint_is_a_base_and_an_adapter_is_not(run, merged, data_file, tmp_path, capsys):

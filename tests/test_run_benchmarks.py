@@ -34,3 +34,13 @@ def test_list_prints_the_plan_without_running_anything(capsys):
     out = capsys.readouterr().out
     assert out.index("project03_pretrain") < out.index("project01_minimal_gpt")  # priority order
     assert runner.main(["--only", "project99_nothing", "--list"]) == 2
+
+
+def test_mistakes_are_refused_before_anything_runs(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert runner.main(["--device", "cpu", "--out", str(afile / "results")]) == 2
+    assert "cannot write" in capsys.readouterr().err and afile.read_text() == "keep me"
+    if not runner._has_cuda():
+        assert runner.main(["--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import DEFAULT_DIR, checkpoint_exists, load_checkpoint
+from checkpoint import DEFAULT_DIR, checkpoint_exists, load_checkpoint, read_run_config
 from cli import (
     ArgumentParser,
     add_device_args,
@@ -104,11 +104,13 @@ def max_logit_difference(a: GPT, b: GPT, device) -> float:
 
 
 def checkpoint_val_loss(args, device, dtype) -> tuple[float | None, str]:
-    """The validation loss of a trained checkpoint, estimated exactly as train.py does (same batches).
-    Returns (loss, a note saying which checkpoint it was)."""
-    if not checkpoint_exists(args.checkpoint):
-        return None, f"not measured: no checkpoint at {args.checkpoint}"
-    model, config = load_checkpoint(args.checkpoint, device, tokenizer="char")
+    """The validation loss of a trained checkpoint (--checkpoint, else this project's default one if there is
+    one), estimated exactly as train.py does (same batches). Returns (loss, a note saying which it was)."""
+    if args.checkpoint is None and not checkpoint_exists(DEFAULT_DIR):
+        return None, f"not measured: no checkpoint at {DEFAULT_DIR}"
+    checkpoint = args.checkpoint or DEFAULT_DIR
+    read_run_config(checkpoint, "benchmark.py")  # another project's run is named, not misread
+    model, config = load_checkpoint(checkpoint, device, tokenizer="char")
     tokenizer = CharTokenizer(config["tokenizer"]["chars"])
     text = read_text(args.data if args.data else config["training"]["data"])
     _, val_ids = train_val_split(torch.tensor(tokenizer.encode(text)), model.config.block_size)
@@ -121,7 +123,12 @@ def checkpoint_val_loss(args, device, dtype) -> tuple[float | None, str]:
 def parse_args(argv):
     p = ArgumentParser(description="Benchmark project 01: written-out attention vs PyTorch's fused SDPA.")
     p.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET, help="model size to time")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="trained checkpoint for the val loss")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=f"trained checkpoint for the val loss (default: {DEFAULT_DIR.name}'s, if there is one)",
+    )
     p.add_argument(
         "--data", type=Path, default=None, help="text for the val loss (default: the checkpoint's)"
     )
@@ -146,11 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     sdpa.load_state_dict(explicit.state_dict())
     logit_diff = max_logit_difference(explicit, sdpa, device)  # before timing: training steps change weights
 
-    print(
-        f"benchmarking the {args.preset} preset on {device.type} ({str(dtype).removeprefix('torch.')})",
-        file=sys.stderr,
-    )
     val_loss, val_note = checkpoint_val_loss(args, device, dtype)  # first: a bad checkpoint fails at once
+    print(f"benchmarking the {args.preset} preset on {device.type} ({dtype})", file=sys.stderr)
     decode_speed = {
         "explicit, logits at every position": bench_decoding(
             decode_all_logits, explicit, args, device, dtype
@@ -158,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         "explicit attention": bench_decoding(decode, explicit, args, device, dtype),
         "torch sdpa": bench_decoding(decode, sdpa, args, device, dtype),
     }
-    step = {name: bench_training(model, tc, args, device, dtype) for name, model in
-            (("explicit attention", explicit), ("torch sdpa", sdpa))}  # fmt: skip
+    step = {
+        name: bench_training(model, tc, args, device, dtype)
+        for name, model in (("explicit attention", explicit), ("torch sdpa", sdpa))
+    }
 
     tokens = tc.batch_size * mc.block_size
     rows = [row("params", "model", explicit.num_params(), "params")]

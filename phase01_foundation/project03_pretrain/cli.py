@@ -77,6 +77,17 @@ def exits_cleanly(main: Callable[..., int]) -> Callable[..., int]:
 # --- argparse types: a bad value is refused where it is parsed, with the flag's name ------------------------
 
 
+def unwritable(path: Path) -> str | None:
+    """Why `path` could not be created or written as a folder (a file in the way, no permission), or None.
+    Checked before any work, so that hours of training never end in a failed save."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file"
+    existing = next(p for p in [path, *path.parents] if p.exists())  # the nearest folder that is there
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    return None if os.access(existing, os.W_OK) else f"{existing} is not writable"
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

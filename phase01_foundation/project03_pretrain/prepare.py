@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, exits_cleanly, positive_int
+from cli import ArgumentParser, UserError, exits_cleanly, positive_int, unwritable
 from data import DATA_DIR, read_text, split_documents, tokenize
 from shards import SPLITS, shard_name, write_shard
 from tokenizer import gpt2_encoding
@@ -231,6 +231,9 @@ def parse_args(argv: list[str] | None):
     )
     p.add_argument("--one-document", action="store_true", help="with --data: the whole file is one document")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace shards of the same name already in --out"
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="output folder (default: data/<dataset or file name>/)"
     )
     p.add_argument(
@@ -255,23 +258,40 @@ def parse_args(argv: list[str] | None):
     return p.parse_args(argv)
 
 
+def check_out(out_dir: Path, name: str, overwrite: bool) -> None:
+    """Shards go into a folder of their own: never among other files (train.py would read whatever shards
+    are there), and replacing shards of the same name needs --overwrite, since a run trained on them can then
+    no longer --resume exactly (its saved position points into them)."""
+    if unwritable(out_dir):
+        raise UserError(f"cannot write --out {out_dir}: {unwritable(out_dir)}")
+    ours = re.compile(rf"{re.escape(name)}_({'|'.join(SPLITS)})_\d{{6}}\.bin")
+    present = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")] if out_dir.exists() else []
+    others = [f for f in present if not ours.fullmatch(f)]
+    if others:
+        raise UserError(
+            f"--out {out_dir} holds other files ({others[0]}, ...); shards go into a folder of their own"
+        )
+    if present and not overwrite:
+        raise UserError(
+            f"{out_dir} already holds {name} shards; pass --overwrite to replace them (a run trained "
+            "on them then cannot --resume exactly)"
+        )
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one_document and args.data is None:
         raise UserError("--one-document applies to --data FILE only")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; shards go into a folder")
+    name = args.data.stem if args.data is not None else args.dataset or "wikitext"
+    out_dir = args.out or DATA_DIR / name
+    check_out(out_dir, name, args.overwrite)
     if args.data is not None:
-        name = args.data.stem
-        out_dir = args.out or DATA_DIR / name
         text = read_text(args.data)
         train, val = prepare_text(
             text, out_dir, name, args.shard_tokens, args.workers, args.one_document, args.max_docs
         )
     else:
-        name = args.dataset or "wikitext"
-        out_dir = args.out or DATA_DIR / name
         prepare = prepare_wikitext if name == "wikitext" else prepare_fineweb
         train, val = prepare(out_dir, args.shard_tokens, args.workers, args.max_docs)
     print(f"wrote {len(train)} train and {len(val)} val shard(s) to {out_dir}")

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from cli import PROJECT, REPO_ROOT, UserError, command
+from cli import PROJECT, REPO_ROOT, UserError, command, unwritable
 from hf import GPT2_MODELS, load_gpt2
 from model import GPT, GPTConfig
 from tokenizer import EOT
@@ -112,13 +112,26 @@ def read_config(ckpt_dir: Path, tokenizer: str | None = None) -> dict:
     return config
 
 
-def _written_by_another_project(ckpt_dir: Path, config: dict) -> str | None:
-    """The message for a checkpoint that another project wrote, naming the script that reads it."""
+def _written_by_another_project(ckpt_dir: Path, config: dict, script: str = "generate.py") -> str | None:
+    """The message for a checkpoint that another project wrote, naming its own script that reads it."""
     project = config.get("project")
     if project in (None, PROJECT):
         return None
-    use = command("generate.py", "--checkpoint", str(ckpt_dir), project=project)
+    flag = "--out" if script == "train.py" else "--checkpoint"
+    use = command(
+        script, *(["--resume"] if script == "train.py" else []), flag, str(ckpt_dir), project=project
+    )
     return f"{ckpt_dir} holds a {project} checkpoint, which {PROJECT} cannot load; use: {use}"
+
+
+def read_run_config(ckpt_dir: Path, script: str) -> dict:
+    """config.json of a run of this project's train.py, which `script` (train.py --resume, benchmark.py)
+    reads the training settings of; another project's run is named, with its own script."""
+    config = read_config(ckpt_dir)
+    other = _written_by_another_project(find_checkpoint(Path(ckpt_dir)), config, script)
+    if other:
+        raise UserError(other)
+    return config
 
 
 def load_train_state(ckpt_dir: Path) -> dict:
@@ -156,25 +169,20 @@ def find_checkpoint(ckpt_dir: Path) -> Path:
 # --- a training run's folder --------------------------------------------------------------------------------
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> dict | None:
+def prepare_out(out: Path, resume: bool, overwrite: bool, resumable: bool = True) -> dict | None:
     """The rules for train.py's --out, checked before any work: a folder of the user's is never touched, a
     checkpoint is replaced only with --overwrite and only if this project wrote it, and --resume continues
     only this project's runs. Returns the saved config when resuming, else None."""
-    if out.exists() and not checkpoint_exists(out) and (out.is_file() or any(out.iterdir())):
+    if unwritable(out):
+        raise UserError(f"cannot write --out {out}: {unwritable(out)}")
+    if out.exists() and not checkpoint_exists(out) and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not a checkpoint directory; choose a new or empty one")
     if resume:
-        config = read_config(out)
-        if config.get("project") != PROJECT:
-            use = command("train.py", "--resume", "--out", str(out), project=config.get("project", "?"))
-            raise UserError(
-                f"{out} holds a {config.get('project')} run; continue it with its own train.py: {use}"
-            )
-        return config
+        return read_run_config(out, "train.py")
     if checkpoint_exists(out):
         if not overwrite:
-            raise UserError(
-                f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it"
-            )
+            continue_it = "pass --resume to continue it or " if resumable else ""
+            raise UserError(f"{out} already holds a checkpoint; {continue_it}pass --overwrite to replace it")
         owner = _project_of(out)
         if owner not in (PROJECT, None):
             raise UserError(

@@ -54,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
     p.add_argument("--num-samples", type=positive_int, default=1, help="answers to the instruction")
     p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
-    p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
+    p.add_argument("--stream", action="store_true", help="print text as it is sampled, whole characters only")
     p.add_argument("--interactive", action="store_true", help="chat on stdin until EOF or 'quit'")
     add_device_args(p)
     args = p.parse_args(argv)

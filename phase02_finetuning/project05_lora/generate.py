@@ -66,7 +66,7 @@ def parse_args(argv):
     p.add_argument("--top-p", type=probability, default=None, help="sample from the smallest set with mass p")
     p.add_argument("--num-samples", type=positive_int, default=1, help="answers to the instruction")
     p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
-    p.add_argument("--stream", action="store_true", help="print each character as soon as it is sampled")
+    p.add_argument("--stream", action="store_true", help="print text as it is sampled, whole characters only")
     p.add_argument("--interactive", action="store_true", help="chat on stdin until EOF or 'quit'")
     add_device_args(p)
     args = p.parse_args(argv)
@@ -118,7 +118,9 @@ def respond(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, 
 def load_model(args, device) -> GPT:
     if args.init_from:  # GPT-2's own weights or another base, to see what fine-tuning changed
         return load_base(args.init_from, device, DEFAULT_DIR)[0].eval()
-    model, _ = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken", base=args.base)
+    model, config = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken", base=args.base)
+    if (args.base or args.merge) and "lora" not in config:
+        raise UserError(f"{args.checkpoint} holds a whole model; --base and --merge apply to an adapter")
     if args.merge:  # W <- W + (alpha/r) B A in every adapted layer: a plain GPT again
         merge_and_unload(model)
     return model

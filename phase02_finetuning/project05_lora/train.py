@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{preset} preset: LoRA r={lora.r} on {training['init_from']} ({trainable:,} of {total:,} parameters "
         f"trainable, {100 * trainable / total:.2f}%) on {len(train_examples)} records of {data_name}; "
-        f"{tc.batch_size} {'packed rows' if tc.pack else 'examples'}/step; {device.type} {dtype}"
+        f"{tc.batch_size} {'packed rows' if tc.pack else 'examples'}/step; "
+        f"{device.type} {str(dtype).removeprefix('torch.')}"
     )
     print(f"held-out response loss before: {training['val_loss_before']:.4f}")
     slow = warn_if_slow(device, model.num_params() > 50e6)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import DEFAULT_DIR, load_base, load_checkpoint
+from checkpoint import DEFAULT_DIR, load_base, load_checkpoint, read_run_config
 from cli import (
     ArgumentParser,
     UserError,
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    read_run_config(args.checkpoint, "benchmark.py")  # another project's run is named, not misread
     tuned, config = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken")
     training = config["training"]
     tc = TrainConfig(**training["train_config"])

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import PROJECT, REPO_ROOT, ArgumentParser, UserError, exits_cleanly
+from cli import PROJECT, REPO_ROOT, ArgumentParser, UserError, exits_cleanly, unwritable
 from model import GPT, GPTConfig
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a checkpoint written by train.py")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="folder for config.json and model.safetensors")
     args = p.parse_args(argv)
-    if args.out.exists() and (args.out.is_file() or any(args.out.iterdir())):
-        raise UserError(f"--out {args.out} exists and is not empty; choose a new folder")
+    if unwritable(args.out) or args.out.exists() and any(args.out.iterdir()):
+        raise UserError(f"--out {args.out}: {unwritable(args.out) or 'not empty'}; choose a new folder")
     model, _ = load_checkpoint(args.checkpoint, tokenizer="tiktoken")
     save_hf_dir(model, args.out)
     print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")

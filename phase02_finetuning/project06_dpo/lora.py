@@ -110,12 +110,12 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _find_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+def _find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """The names of the Linear layers that targets name, each once, in model order. A pattern that matches
     nothing is refused: a typo would otherwise train an adapter on fewer layers than intended, silently."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     chosen = {}
-    for pattern in targets:
+    for pattern in config.targets:
         hits = [(n, m) for n, m in model.named_modules() if _matches(n, pattern)]
         if not hits:
             raise UserError(f"LoRA target {pattern!r} matches no layer (try 'attn.qkv', 'mlp.fc', ...)")
@@ -124,6 +124,11 @@ def _find_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
                 raise UserError(f"LoRA target {pattern!r} matches {name}, a {type(module).__name__}")
             if id(module.weight) in tied:  # lm_head: its weight is wte's, an update would change both
                 raise UserError(f"LoRA target {pattern!r} matches {name}, whose weight is an embedding's")
+            if config.r > min(module.in_features, module.out_features):  # B A would be full rank, and larger
+                raise UserError(
+                    f"LoRA rank {config.r} is above {name}'s smaller side "
+                    f"({min(module.in_features, module.out_features)}): no longer low-rank"
+                )
             chosen[name] = None
     return list(chosen)
 
@@ -133,7 +138,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     Returns the wrapped layers' names."""
     if lora_layers(model):
         raise UserError("the model already has LoRA adapters")
-    names = _find_targets(model, config.targets)
+    names = _find_targets(model, config)
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")

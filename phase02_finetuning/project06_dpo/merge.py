@@ -8,7 +8,7 @@ python merge.py --checkpoint /tmp/lora --out /tmp/lora-merged
 
 from pathlib import Path
 
-from checkpoint import DEFAULT_DIR, checkpoint_exists, load_checkpoint, prepare_out, save_checkpoint
+from checkpoint import DEFAULT_DIR, load_checkpoint, prepare_out, save_checkpoint
 from cli import ArgumentParser, UserError, command, exits_cleanly
 from lora import merge_and_unload
 
@@ -27,11 +27,9 @@ def parse_args(argv):
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if checkpoint_exists(args.out) and not args.overwrite:
-        raise UserError(f"{args.out} already holds a checkpoint; pass --overwrite to replace it")
-    prepare_out(
-        args.out, resume=False, overwrite=True
-    )  # a user's folder, another project's checkpoint: refused
+    if args.out == args.checkpoint:  # saving would replace the adapter before anything else could use it
+        raise UserError(f"--out {args.out} is the adapter being merged; choose another --out")
+    prepare_out(args.out, resume=False, overwrite=args.overwrite, resumable=False)  # train.py's --out rules
     model, config = load_checkpoint(args.checkpoint)
     if "lora" not in config:
         raise UserError(f"{args.checkpoint} holds a full model, not an adapter; nothing to merge")

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from cli import HERE, PROJECT, REPO_ROOT, sync
+from cli import HERE, PROJECT, REPO_ROOT, sync, unwritable
 
 PUBLISHED_DIR = HERE / "results"
 LOCAL_DIR = REPO_ROOT / "data" / "benchmarks" / PROJECT
 
 
 def output_dir(text: str) -> Path:
-    """argparse type for --out: a folder, refused at once if it is a file (not after minutes of measuring)."""
+    """argparse type for --out: a folder we can write, checked at once (not after minutes of measuring)."""
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a file; the results go into a folder")
+    if unwritable(path):
+        raise argparse.ArgumentTypeError(f"cannot write results into {path}: {unwritable(path)}")
     return path
 
 

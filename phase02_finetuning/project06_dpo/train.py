@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{preset} preset: DPO ({tc.loss}, beta {tc.beta}) on {training['init_from']}, "
         f"{trainable_parameters(policy):,} trainable parameters{' (LoRA)' if tc.lora else ''}; reference: "
-        f"{tc.ref}; {len(train_pairs)} pairs of {data_name}; {tc.batch_size} pairs/step; {device}, {dtype}"
+        f"{tc.ref}; {len(train_pairs)} pairs of {data_name}; {tc.batch_size} pairs/step; "
+        f"{device.type} {str(dtype).removeprefix('torch.')}"
     )
     print(f"held-out log-prob accuracy before: {training['before']['val_logp_accuracy']:.3f}")
     slow = warn_if_slow(device, policy.num_params() > 50e6)
