@@ -3,6 +3,7 @@ sets, atomic checkpoints, the rules for --out, the memory check, downloads, and 
 where it goes. (Causal masking, checkpoint round trips, exact resume and bad-input exits are in
 test_contract.py, which covers this project too.)"""
 
+import argparse
 import hashlib
 import io
 import json
@@ -262,6 +263,16 @@ def test_benchmark_writes_to_data_benchmarks_unless_published(tmp_path, monkeypa
     rc = run_main(P.benchmark, *flags, "--out", tmp_path / "other", "--publish")
     assert "--publish" in assert_one_line_error(capsys, rc)
     assert not (tmp_path / "other").exists()
+
+
+def test_results_record_paths_inside_the_repository_relative(tmp_path, monkeypatch):
+    """A published file names data/models/..., never the home folder of whoever ran it."""
+    monkeypatch.setattr(P.results, "REPO_ROOT", tmp_path)
+    args = argparse.Namespace(publish=False, out=tmp_path / "out")
+    config = {"checkpoint": str(tmp_path / "data" / "models" / "m"), "elsewhere": "/opt/m", "steps": 3}
+    path = P.results.write_report(args, "t", torch.device("cpu"), "tiny", "tiny", config, [])
+    recorded = json.loads(path.read_text())["config"]
+    assert recorded == {"checkpoint": "data/models/m", "elsewhere": "/opt/m", "steps": 3}
 
 
 # --- the rules for --out, and the memory check ------------------------------------------------------------

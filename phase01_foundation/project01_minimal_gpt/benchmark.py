@@ -9,6 +9,8 @@ decoding that computes the logits of every position (as the model's forward does
     python benchmark.py --preset tiny     # seconds on a CPU
 """
 
+import functools
+import statistics
 import sys
 from pathlib import Path
 
@@ -83,15 +85,19 @@ def bench_training(model: GPT, tc: TrainConfig, args, device, dtype) -> tuple[fl
     )
 
 
-def bench_decoding(decoder, model: GPT, args, device, dtype) -> float:
-    """Tokens per second of greedy decoding from a one-token prompt, batch 1, no KV cache."""
-    model.eval()
+def bench_decoding(variants: dict, args, device, dtype) -> dict[str, float]:
+    """Tokens per second of greedy decoding from a one-token prompt, batch 1, no KV cache, for each
+    {name: (decoder, model)}. The variants take turns, round after round, so that a slow spell of a shared
+    machine falls on all of them alike; the median over rounds is reported."""
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    times = {name: [] for name in variants}
     with autocast(device, dtype):
-        seconds, _ = time_it(
-            lambda: decoder(model, prompt, args.gen_tokens), device, 1, max(1, args.repeats // 3)
-        )
-    return args.gen_tokens / seconds
+        for _ in range(max(1, args.repeats // 2)):
+            for name, (decoder, model) in variants.items():
+                model.eval()
+                run = functools.partial(decoder, model, prompt, args.gen_tokens)
+                times[name].append(time_it(run, device, 1, 1)[0])
+    return {name: args.gen_tokens / statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -155,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
 
     val_loss, val_note = checkpoint_val_loss(args, device, dtype)  # first: a bad checkpoint fails at once
     print(f"benchmarking the {args.preset} preset on {device.type} ({dtype})", file=sys.stderr)
-    decode_speed = {
-        "explicit, logits at every position": bench_decoding(
-            decode_all_logits, explicit, args, device, dtype
-        ),
-        "explicit attention": bench_decoding(decode, explicit, args, device, dtype),
-        "torch sdpa": bench_decoding(decode, sdpa, args, device, dtype),
-    }
+    decode_speed = bench_decoding(
+        {
+            "explicit, logits at every position": (decode_all_logits, explicit),
+            "explicit attention": (decode, explicit),
+            "torch sdpa": (decode, sdpa),
+        },
+        args,
+        device,
+        dtype,
+    )
     step = {
         name: bench_training(model, tc, args, device, dtype)
         for name, model in (("explicit attention", explicit), ("torch sdpa", sdpa))

@@ -7,6 +7,7 @@ the project's results/ folder, which only `--publish` writes, from a real run on
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -145,6 +146,12 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join([*left, c[4]]).rstrip())
 
 
+def _portable(value):
+    """A path as a results file records it: relative to the repository when inside it (no home folders)."""
+    inside = isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(REPO_ROOT)
+    return os.path.relpath(value, REPO_ROOT) if inside else value
+
+
 def write_report(
     args, title: str, device: torch.device, preset: str, default_preset: str, config: dict, rows: list[dict]
 ) -> Path:
@@ -157,7 +164,7 @@ def write_report(
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": info,
         "preset": preset,
-        "config": config,
+        "config": {k: _portable(v) for k, v in config.items()},
         "rows": rows,
     }
     name = re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
