@@ -59,12 +59,12 @@ def plan() -> list[Job]:
              "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "3",
                                        "--variants", "fp32-explicit,fp32-sdpa"])]}),
         Job("project01_minimal_gpt", {"cuda": "nanoGPT's shakespeare_char run (val loss 1.4697 there), speed",
-                                      "cpu": "the cpu preset's speed (and the val loss of a cpu checkpoint)"},
+                                      "cpu": "the cpu preset's speed (and your own cpu run's val loss)"},
             {"cuda": 200, "cpu": 40},
             {"cuda": [("train.py", ["--data", str(TEXT), "--out", p01, new]),
                       ("benchmark.py", ["--checkpoint", p01, "--data", str(TEXT)])],
              "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "5",
-                                       "--gen-tokens", "100", "--checkpoint", p01])]}),
+                                       "--gen-tokens", "100"])]}),
         Job("project04_sft", {"cuda": "SFT at GPT-2 124M's shape: padded vs packed steps",
                               "cpu": "SFT on a tiny model: padded vs packed steps"},
             {"cuda": 60, "cpu": 50},
@@ -146,7 +146,12 @@ def _run(folder: Path, script: str, args: list[str], limit: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run every project's benchmark within a time budget.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _has_cuda() else "cpu")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if _has_cuda() else "cpu",
+        help="which plan to run (default: cuda when there is a GPU)",
+    )
     p.add_argument("--budget", type=float, default=480, help="seconds for everything (default: 480)")
     p.add_argument(
         "--only", default=None, help="comma-separated project names (default: all, in priority order)"

@@ -44,3 +44,16 @@ def test_mistakes_are_refused_before_anything_runs(tmp_path, capsys):
     if not runner._has_cuda():
         assert runner.main(["--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_checkpoint_a_step_reads_an_earlier_step_wrote(device):
+    """On a fresh machine no checkpoint is under data/models/benchmarks/ unless the plan made it."""
+    written = set()
+    for job in runner.plan():
+        for _, args in job.steps[device]:
+            for flag in ("--checkpoint", "--init-from"):
+                if flag in args and args[args.index(flag) + 1].startswith(str(runner.MODELS)):
+                    assert args[args.index(flag) + 1] in written, f"{job.project}: {flag} read before written"
+            if "--out" in args:
+                written.add(args[args.index("--out") + 1])
