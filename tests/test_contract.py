@@ -260,7 +260,8 @@ def test_benchmark_names_another_projects_checkpoint(project, tmp_path, capsys):
     """benchmark.py reads a run's training settings: another project's run is named, not misread."""
     if "--checkpoint" not in printed(load_project(project).benchmark, "--help"):
         pytest.skip("this project's benchmark reads no checkpoint")
-    other = "project03_pretrain" if project.name != "project03_pretrain" else "project01_minimal_gpt"
+    # project 01's characters, which no later project reads (07 and 08 benchmark project 03's checkpoints)
+    other = "project01_minimal_gpt" if project.name != "project01_minimal_gpt" else "project03_pretrain"
     meta = {"tokenizer": {"type": "tiktoken" if other == "project03_pretrain" else "char"}, "training": {}}
     load_project(other).checkpoint.save_checkpoint(tmp_path / "other", tiny_gpt(other), meta)
     rc = run_main(

@@ -55,6 +55,8 @@ GOLDEN = {
     "project04_sft": PADDED_GPT2,
     "project05_lora": PADDED_GPT2,
     "project06_dpo": PADDED_GPT2,
+    "project07_mixed_precision": PADDED_GPT2,
+    "project08_kv_cache": PADDED_GPT2,  # the same model; generate_stream now runs through the KV cache
 }
 
 

@@ -174,13 +174,16 @@ def refuse_changes_on_resume(args: argparse.Namespace, recorded: dict, names: tu
 # --- device, precision, randomness ------------------------------------------------------------------------
 
 
-def add_device_args(parser: argparse.ArgumentParser) -> None:
+def add_device_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """--device, and --dtype unless the script has its own precision flags (dtype=False)."""
     parser.add_argument(
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda", "mps"],
         help="where to run; auto picks cuda, then mps, then cpu",
     )
+    if not dtype:
+        return
     parser.add_argument(
         "--dtype",
         default="auto",
