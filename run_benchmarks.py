@@ -7,10 +7,12 @@ python run_benchmarks.py --device cpu --budget 300        # compare the phases o
 python run_benchmarks.py --device cuda --budget 480       # a GPU's figures for every project, in 8 minutes
 python run_benchmarks.py --list                           # the plan and each step's command, nothing run
 
-On a GPU, project 01 first trains its default preset (nanoGPT's shakespeare_char run) for its val loss,
-project 03 measures GPT-2 124M's tokens/s and MFU, and projects 04-06 time their steps at GPT-2 124M's shape
-from a briefly pre-trained base (their speed does not depend on the weights; their quality figures then mean
-little, and the results' config says how many steps made them). On a CPU the presets are the small ones.
+On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a briefly pre-trained base,
+which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 03
+measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
+for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
+the weights; their quality figures then mean little, and the results' config says how many steps made them).
+On a CPU the presets are the small ones.
 """
 
 import argparse
@@ -52,20 +54,27 @@ def plan() -> list[Job]:
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
                  "--eval-iters", "2", "--total-batch-tokens", "65536", "--out", p03, new]  # fmt: skip
     return [
-        Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
-                                   "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
-            {"cuda": 110, "cpu": 50},
-            {"cuda": [("benchmark.py", ["--preset", "gpt2"])],
-             "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "3",
-                                       "--variants", "fp32-explicit,fp32-sdpa"])]}),
         Job("project07_mixed_precision",
             {"cuda": "GPT-2 124M in fp32, tf32, fp16 (ours, GradScaler), bf16, pure bf16; 16-bit inference",
              "cpu": "the tiny preset in every precision (fp16 is slow on CPUs); 16-bit inference"},
-            {"cuda": 80, "cpu": 60},
+            {"cuda": 110, "cpu": 60},
             {"cuda": [("project03_pretrain/train.py", gpt2_base),
                       ("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--checkpoint", p03])],
              "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "3",
                                        "--warmup", "1", "--gen-tokens", "16"])]}),
+        Job("project08_kv_cache",
+            {"cuda": "decoding at 124M, 128 and 1,000 tokens: no cache, KV cache, compiled, transformers",
+             "cpu": "decoding at the cpu preset's shape: no cache vs KV cache vs transformers"},
+            {"cuda": 130, "cpu": 50},
+            {"cuda": [("benchmark.py", ["--lengths", "128,1000", "--repeats", "1"])],
+             "cpu": [("benchmark.py", ["--preset", "cpu", "--lengths", "64,256",
+                                       "--no-cache-up-to", "256"])]}),
+        Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
+                                   "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
+            {"cuda": 100, "cpu": 50},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2"])],
+             "cpu": [("benchmark.py", ["--preset", "cpu", "--warmup", "1", "--repeats", "3",
+                                       "--variants", "fp32-explicit,fp32-sdpa"])]}),
         Job("project01_minimal_gpt", {"cuda": "nanoGPT's shakespeare_char run (val loss 1.4697 there), speed",
                                       "cpu": "the cpu preset's speed (and your own cpu run's val loss)"},
             {"cuda": 200, "cpu": 40},

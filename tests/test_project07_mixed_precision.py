@@ -53,7 +53,8 @@ def test_our_scaler_equals_torch_gradscaler_through_overflow_and_growth():
     theirs = run_fp16(torch.amp.GradScaler("cpu", **settings), 10)
     assert ours[0] == theirs[0]  # the scale sequence
     assert ours[1] == theirs[1]  # which steps were skipped
-    assert ours[1][:2] == [True, True] and not all(ours[1]) and any(ours[1][3:])  # overflow, recovery, growth
+    assert ours[0] == [2.0**e for e in (24, 23, 22, 21, 20, 19, 19, 19, 20, 19)]  # halve, settle, grow
+    assert ours[1] == [True] * 5 + [False] * 3 + [True, False]  # 2**20 overflows again after growing
     for name, weight in theirs[2].items():
         assert torch.equal(ours[2][name], weight), name
 
@@ -109,15 +110,22 @@ def test_16_bit_weights_stay_close_to_fp32(tiny_runs, dtype, ppl_tolerance):
     assert abs(torch.exp(loss16.float()) / torch.exp(loss32) - 1) < ppl_tolerance
 
 
-def test_fp16_run_resumes_exactly_with_its_loss_scale(tiny_runs, tmp_path):
+def test_fp16_run_resumes_exactly_with_its_loss_scale(tiny_runs, tmp_path, monkeypatch):
+    """A scale that overflows at first and grows every 2 clean steps, so that the scale at the split (step 4)
+    is neither the initial one nor the one a fresh scaler would start from."""
+    scaler = lambda p, device, reference=False: P.precision.LossScaler(2.0**24, growth_interval=2)  # noqa: E731
+    monkeypatch.setattr(P.train, "make_scaler", scaler)
     data = tiny_runs.data("project07_mixed_precision")
-    flags = ["--data", data, "--precision", "fp16", "--eval-interval", "3", "--eval-iters", "1"]
-    assert train_tiny(*flags, "--max-iters", "6", "--out", tmp_path / "straight") == 0
-    assert train_tiny(*flags, "--max-iters", "3", "--out", tmp_path / "split") == 0
-    assert train_tiny(*flags, "--max-iters", "6", "--out", tmp_path / "split", "--resume") == 0
+    flags = ["--data", data, "--precision", "fp16", "--eval-interval", "4", "--eval-iters", "1"]
+    assert train_tiny(*flags, "--max-iters", "8", "--out", tmp_path / "straight") == 0
+    assert train_tiny(*flags, "--max-iters", "4", "--out", tmp_path / "split") == 0
+    assert train_tiny(*flags, "--max-iters", "8", "--out", tmp_path / "split", "--resume") == 0
     straight, split = ((tmp_path / d / "metrics.jsonl").read_text() for d in ("straight", "split"))
     assert straight == split
-    assert all(json.loads(line).get("loss_scale", 2.0**16) == 2.0**16 for line in straight.splitlines())
+    steps = [json.loads(line) for line in straight.splitlines() if "loss_scale" in line]
+    scales = [m["loss_scale"] for m in steps]
+    assert scales[0] == 2.0**24 and scales[4] != scales[0] and len(set(scales)) > 2
+    assert any(m["skipped"] and m["grad_norm"] is None for m in steps)  # inf/nan kept out of the JSON
 
 
 def test_bf16_pure_keeps_bf16_weights_in_half_the_file(tiny_runs, tmp_path):

@@ -206,10 +206,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def has_bf16(device: torch.device) -> bool:
+    """Native bf16 matmuls: NVIDIA GPUs from Ampere (compute capability 8) on. torch.cuda.is_bf16_supported()
+    also says yes where bf16 is only emulated (a T4, a V100), slower than fp32."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
+        return torch.bfloat16 if has_bf16(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 

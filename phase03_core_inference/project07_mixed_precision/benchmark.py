@@ -21,12 +21,12 @@ from matplotlib.figure import Figure
 from safetensors.torch import save_model
 from tqdm import tqdm
 
-from checkpoint import checkpoint_exists, load_checkpoint
-from cli import REPO_ROOT, ArgumentParser, add_device_args, exits_cleanly, pick_device, positive_int, sync
+from checkpoint import MODELS_DIR, checkpoint_exists, load_checkpoint
+from cli import ArgumentParser, add_device_args, exits_cleanly, pick_device, positive_int, sync
 from data import make_loaders
 from distributed import Dist
 from model import GPT
-from precision import PRECISIONS, check_dtype, make_scaler, set_matmul_precision
+from precision import DTYPES, PRECISIONS, check_dtype, check_precision, make_scaler, set_matmul_precision
 from results import add_output_args, compare, print_table, row, time_it, write_report
 from train import (
     DEFAULT_PRESET,
@@ -48,8 +48,6 @@ TRAIN_VARIANTS = {
     "bf16": ("bf16", False),
     "bf16-pure": ("bf16-pure", False),
 }
-INFER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROJECT03_MODEL = REPO_ROOT / "data" / "models" / "project03_pretrain"
 
 
 def train_variant(name: str, mc, tc, args, device) -> dict:
@@ -147,7 +145,7 @@ def parse_args(argv):
     p.add_argument(
         "--checkpoint",
         type=Path,
-        default=PROJECT03_MODEL,
+        default=MODELS_DIR / "project03_pretrain",
         help="trained weights for the inference figures (any checkpoint of this GPT)",
     )
     p.add_argument(
@@ -174,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or (DEFAULT_PRESET if device.type == "cuda" else "cpu")
     mc, tc = PRESETS[preset]
     steps = args.steps or (20 if device.type == "cuda" else 6)
-    tc = replace(tc, max_iters=steps, warmup_iters=max(1, steps // 10))
+    tokens = tc.batch_size * mc.block_size  # one micro-batch a step: no accumulation
+    tc = replace(tc, max_iters=steps, warmup_iters=max(1, steps // 10), total_batch_tokens=tokens)
+    for p in {PRECISIONS[precision] for precision, _ in TRAIN_VARIANTS.values()}:
+        check_precision(p, device)  # every precision and dtype, before minutes of work are spent
+    for dtype in DTYPES.values():
+        check_dtype(dtype, device)
     model32, source = trained_model(args, mc)  # first: a wrong --checkpoint fails before any work
     names = list(TRAIN_VARIANTS)
     print(f"training the {preset} preset for {steps} steps in each precision", file=sys.stderr)
     runs = {name: train_variant(name, mc, tc, args, device) for name in tqdm(names, desc="precisions")}
-    tokens = tc.batch_size * mc.block_size
     peak = peak_flops(device, args.peak_flops)
     mfu = {
         n: 100 * flops_per_token(mc) * tokens / r["step_s"] / peak if peak else None for n, r in runs.items()
@@ -197,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     _, make_val_loader, _ = make_loaders(args.data, 4, model32.config.block_size, Dist())
     batch = tuple(t.to(device) for t in make_val_loader().next_batch())
     dtypes = {}
-    for name, dtype in INFER_DTYPES.items():
-        check_dtype(dtype, device)
+    for name, dtype in DTYPES.items():
         dtypes[name] = infer_dtype(model32, dtype, batch, args, device)
     rows += [
         *compare("weight_memory_mib", "MiB", {n: r["weights"] for n, r in dtypes.items()}),

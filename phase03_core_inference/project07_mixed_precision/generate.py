@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import DEFAULT_DIR, load_checkpoint
+from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -21,7 +21,6 @@ from cli import (
     exits_cleanly,
     non_negative_int,
     pick_device,
-    pick_dtype,
     positive_int,
     probability,
     temperature,
@@ -29,17 +28,20 @@ from cli import (
 from data import DATA_DIR
 from hf import load_gpt2
 from model import GPT
-from precision import check_dtype
+from precision import DTYPES, check_dtype
 from tokenizer import GPT2Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
+    )
     p.add_argument(
         "--init-from",
         default=None,
@@ -60,10 +62,16 @@ def parse_args(argv):
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="the weights' dtype (16 bits: half the memory); auto is bfloat16 on GPUs that have it, "
-        "else float32",
+        help="the weights' dtype (16 bits: half the memory); auto is float16 on GPUs (closer to float32's "
+        "perplexity than bfloat16: see the README), float32 elsewhere",
     )
     return p.parse_args(argv)
+
+
+def default_checkpoint() -> Path:
+    """This project's model, else project 03's pre-trained one (the same GPT)."""
+    pretrained = MODELS_DIR / "project03_pretrain"
+    return pretrained if not checkpoint_exists(DEFAULT_DIR) and checkpoint_exists(pretrained) else DEFAULT_DIR
 
 
 def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str, block_size: int, device) -> torch.Tensor:
@@ -103,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_from:  # GPT-2's own weights, converted from the Hugging Face format (hf.py)
         model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
     else:
-        model, _ = load_checkpoint(args.checkpoint, device, tokenizer="tiktoken")
+        model, _ = load_checkpoint(args.checkpoint or default_checkpoint(), device, tokenizer="tiktoken")
     tokenizer = GPT2Tokenizer()
-    dtype = pick_dtype("auto", device) if args.dtype == "auto" else DTYPES[args.dtype]
+    auto = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else DTYPES[args.dtype]
     check_dtype(dtype, device)
     model = model.to(dtype)  # NEW: 16-bit weights: half the memory read per token; every op runs in dtype
     gen = torch.Generator(device=device).manual_seed(args.seed)  # same seed, same samples

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import UserError
+from cli import UserError, has_bf16, pick_dtype
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,19 @@ PRECISIONS = {
 }
 
 
+# Weight dtypes for inference (generate.py --dtype, benchmark.py)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def auto_precision(device: torch.device) -> str:
     """bf16 where the GPU has it (no loss scaling needed), fp32 elsewhere (CPUs emulate 16-bit matmuls)."""
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if pick_dtype("auto", device) == torch.bfloat16 else "fp32"
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     """Refuse a dtype the device cannot compute in, in one line, before any work."""
     name = str(dtype).removeprefix("torch.")
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and dtype == torch.bfloat16 and not has_bf16(device):
         raise UserError(f"this GPU has no {name} (it came with Ampere); use float16 or float32")
     try:  # one small matmul and LayerNorm in that dtype, as a forward pass runs them
         a = torch.ones(8, 8, device=device, dtype=dtype)
@@ -100,6 +104,8 @@ class LossScaler:
         return loss * self.scale_value  # the backward pass then carries gradients x scale
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.found_inf is not None:  # a second division would shrink the gradients by the scale again
+            raise RuntimeError("unscale_() was already called since the last update()")
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         inv = 1.0 / self.scale_value  # a power of two, so dividing is exact
         torch._foreach_mul_(grads, inv)

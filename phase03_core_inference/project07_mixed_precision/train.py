@@ -174,19 +174,19 @@ def train_step(model, optimizer, scaler, loader, accum, lr, tc: TrainConfig, dev
     for micro in range(accum):
         x, y = loader.next_batch()
         x, y = x.to(device), y.to(device)
-        # gradients add up over micro-batches; DDP need only all-reduce them after the last one.
+        # Gradients add up over micro-batches; DDP need only all-reduce them after the last one.
         last = micro == accum - 1
         no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
         with no_sync:  # forward and backward both inside: DDP decides in forward whether backward syncs
             with p.autocast(device):
                 _, loss = model(x, y)
-            scaler.scale(loss / accum).backward()  # NEW: gradients x scale, lifted out of fp16's underflow
+            scaler.scale(loss / accum).backward()  # gradients x scale, lifted out of fp16's underflow
         total += loss.detach()
     scale = scaler.get_scale()
-    scaler.unscale_(optimizer)  # NEW: true gradients again, before clipping compares their norm with 1.0
+    scaler.unscale_(optimizer)  # true gradients again, before clipping compares their norm with 1.0
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    scaler.step(optimizer)  # NEW: skipped if any gradient is inf or nan
-    scaler.update()  # NEW: halve the scale after an overflow, double it after a clean stretch
+    scaler.step(optimizer)  # skipped if any gradient is inf or nan
+    scaler.update()  # halve the scale after an overflow, double it after a clean stretch
     skipped = scaler.get_scale() < scale  # the scale only ever drops after an overflow
     return distributed.mean_across_ranks(total / accum, d).item(), grad_norm.item(), skipped
 
@@ -354,9 +354,9 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     check_memory(step_memory(mc, tc), device, f"a micro-batch of {tc.batch_size} x {mc.block_size} tokens")
 
     seed_everything(tc.seed + d.rank)
-    raw_model = GPT(mc).to(device, precision.weights)  # NEW: fp32 master weights, except in bf16-pure
+    raw_model = GPT(mc).to(device, precision.weights)  # fp32 master weights, except in bf16-pure
     optimizer = make_optimizer(raw_model, tc, device)
-    scaler = make_scaler(precision, device)  # NEW: our LossScaler for fp16; a no-op for the others
+    scaler = make_scaler(precision, device)  # our LossScaler for fp16; a no-op for the others
     step, metrics = (0, [])
     if args.resume:
         step, metrics = restore_run(args.out, raw_model, optimizer, scaler, train_loader, d)
@@ -387,8 +387,9 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
             )
             sync(device)
             step, dt = step + 1, time.perf_counter() - t0
-            metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
-            if precision.loss_scaling:  # NEW: the scale this step used, and whether it was skipped
+            finite = math.isfinite(grad_norm)  # inf or nan on a skipped step: JSON has neither
+            metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm if finite else None})
+            if precision.loss_scaling:  # the scale this step used, and whether it was skipped
                 metrics[-1].update(loss_scale=scale, skipped=skipped)
             postfix = {
                 "loss": f"{loss:.4f}",
