@@ -8,7 +8,8 @@ python run_benchmarks.py --device cuda --budget 480       # a GPU's figures for 
 python run_benchmarks.py --list                           # the plan and each step's command, nothing run
 
 On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a briefly pre-trained base,
-which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 03
+which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
+times its Triton attention kernels against SDPA and explicit attention, project 03
 measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
 for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
 the weights; their quality figures then mean little, and the results' config says how many steps made them).
@@ -69,6 +70,12 @@ def plan() -> list[Job]:
             {"cuda": [("benchmark.py", ["--lengths", "128,1000", "--repeats", "1"])],
              "cpu": [("benchmark.py", ["--preset", "cpu", "--lengths", "64,256",
                                        "--no-cache-up-to", "256"])]}),
+        Job("project09_flash_attention",
+            {"cuda": "our Triton FlashAttention-2 vs explicit vs SDPA, 512 to 16k tokens; 124M end to end",
+             "cpu": "the kernels' error in Triton's interpreter and the memory formula (speed needs a GPU)"},
+            {"cuda": 150, "cpu": 10},
+            {"cuda": [("benchmark.py", ["--repeats", "5"])],
+             "cpu": [("benchmark.py", [])]}),
         Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
                                    "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
             {"cuda": 100, "cpu": 50},

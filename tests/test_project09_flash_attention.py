@@ -1,0 +1,168 @@
+"""Project 09's FlashAttention-2 kernels against the written-out attention (forward, gradients, the saved
+log-sum-exp, decode-shaped queries, half precision), on the CPU through Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 when there is no GPU), and the model with its attention routed through them."""
+
+import pytest
+import torch
+from conftest import load_project, tiny_gpt
+
+P = load_project("project09_flash_attention")
+FA = P.flash_attention
+_flash_forward, attention_reference = FA._flash_forward, FA.attention_reference
+attention_scores, flash_attention = FA.attention_scores, FA.flash_attention
+
+
+def _inputs(B, nh, T_q, T_k, hs, dtype=torch.float32, seed=0):
+    """q (B, nh, T_q, hs), k and v (B, nh, T_k, hs) and an upstream gradient do shaped like the output."""
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(B, nh, T_q, hs, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, nh, T_k, hs, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, do
+
+
+def _run(attn, q, k, v, do, causal, dtype=None):
+    """attn's output and (dq, dk, dv) for copies of q, k, v cast to dtype (default: their own)."""
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
+    o = attn(*leaves, causal)
+    o.backward(do.to(o.dtype))
+    return o.detach(), [x.grad for x in leaves]
+
+
+def _check_against_float64(q, k, v, do, causal, blocks=None):
+    """fp32 kernel vs the float64 reference: forward and every gradient."""
+    out, grads = _run(lambda *a: flash_attention(*a, blocks=blocks), q, k, v, do, causal)
+    ref_out, ref_grads = _run(attention_reference, q, k, v, do, causal, torch.float64)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), ref, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# Non-causal gradients are tested as carefully as causal ones: the Triton tutorial's backward ignored `causal`
+# and always masked the diagonal, so its non-causal gradients were wrong (triton issues 4541, 5660).
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(
+    "B, nh, T, hs",
+    [(2, 3, 1, 32), (2, 3, 17, 32), (2, 2, 100, 64), (1, 2, 17, 128), (1, 1, 257, 32)],
+)
+def test_forward_and_gradients_match_reference(B, nh, T, hs, causal):
+    _check_against_float64(*_inputs(B, nh, T, T, hs), causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16)], ids=lambda b: f"M{b[0]}-N{b[1]}")
+def test_unequal_block_sizes(blocks, causal):
+    """BLOCK_M != BLOCK_N puts the diagonal across several blocks of the other side: the block ranges of the
+    causal stages must still cover every visible pair exactly once."""
+    _check_against_float64(*_inputs(1, 2, 50, 50, 32), causal, dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T_q, T_k", [(1, 100), (17, 100), (20, 50)])
+def test_fewer_queries_than_keys(T_q, T_k, causal):
+    """T_q = 1 is a KV-cache decode step; causal queries are the last T_q positions of the keys."""
+    _check_against_float64(*_inputs(2, 2, T_q, T_k, 32), causal)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)], ids=lambda b: f"M{b[0]}-N{b[1]}")
+def test_every_diagonal_offset(blocks):
+    """The causal block ranges are integer arithmetic on T_k - T_q modulo the block sizes: try every
+    offset across a block, since an off-by-one there shows only for some of them."""
+    for offset in range(max(blocks) + 1):
+        q, k, v, do = _inputs(1, 1, 20, 20 + offset, 32)
+        _check_against_float64(q, k, v, do, True, dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]))
+
+
+def test_decode_step_sees_the_whole_cache():
+    """The causal mask aligns a single query to the last key, so it attends to everything, like non-causal."""
+    q, k, v, _ = _inputs(1, 2, 1, 33, 32)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), flash_attention(q, k, v, causal=False))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_saved_lse_is_logsumexp_of_scores(causal):
+    q, k, v, _ = _inputs(2, 2, 37, 45, 64)
+    _, lse = _flash_forward(q, k, v, causal, dict(BLOCK_M=16, BLOCK_N=16))  # (B, nh, T_q)
+    assert lse.dtype == torch.float32
+    expected = torch.logsumexp(attention_scores(q.double(), k.double(), causal), dim=-1)
+    torch.testing.assert_close(lse.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    """The model hands over (B, T, nh, hs) views transposed to (B, nh, T, hs)."""
+    q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(2, 3, 20, 20, 32))
+    assert not q.is_contiguous()
+    _check_against_float64(q, k, v, do, causal=True)
+
+
+# Half precision: the flash-attention repository's rule. Rounding to 16 bits makes any implementation
+# differ from fp32, so the kernel's error against an fp32 reference may be at most 2x (gradients 3x) that of
+# PyTorch's own attention computed in the same dtype.
+BF16_SKIP = "Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584): GPU only"
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skip(reason=BF16_SKIP))],
+    ids=["fp16", "bf16"],
+)
+def test_half_precision_within_rule(dtype, causal):
+    q, k, v, do = (x.to(dtype) for x in _inputs(2, 2, 100, 100, 64))  # the same rounded inputs for all three
+    out, grads = _run(flash_attention, q, k, v, do, causal)
+    torch_out, torch_grads = _run(attention_reference, q, k, v, do, causal)
+    ref_out, ref_grads = _run(attention_reference, q, k, v, do, causal, torch.float32)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    err = lambda x, ref: (x.float() - ref).abs().max().item()
+    assert err(out, ref_out) <= 2 * err(torch_out, ref_out)
+    for name, g, g_torch, ref in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads):
+        assert err(g, ref) <= 3 * err(g_torch, ref), name
+
+
+@pytest.mark.parametrize(
+    "shapes, dtypes, causal",
+    [
+        (((1, 1, 8, 32), (1, 1, 4, 32)), None, True),  # causal with more queries than keys
+        (((1, 1, 8, 48), (1, 1, 8, 48)), None, True),  # head size not a power of two
+        (((1, 1, 8, 32), (1, 1, 8, 32)), (torch.float32, torch.float16), False),  # mixed dtypes
+    ],
+)
+def test_rejects_unsupported_inputs(shapes, dtypes, causal):
+    q_dtype, kv_dtype = dtypes or (torch.float32, torch.float32)
+    q, k = torch.randn(shapes[0], dtype=q_dtype), torch.randn(shapes[1], dtype=kv_dtype)
+    with pytest.raises(ValueError):
+        flash_attention(q, k, k, causal)
+
+
+def test_the_model_through_the_kernels_equals_sdpa(monkeypatch):
+    """The same GPT (head size 16, two layers) with attention through our kernels, as on a GPU, and through
+    scaled_dot_product_attention: the same logits, and the same gradients of the loss."""
+    model = tiny_gpt("project09_flash_attention", n_embd=32, n_head=2, block_size=48)
+    ids = torch.randint(0, 100, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits, loss = model(ids, ids)
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    sdpa_logits, sdpa_grads = loss_and_grads()
+    calls = []
+    monkeypatch.setattr(P.model, "kernels_run_on", lambda t: calls.append(t.shape) or True)
+    triton_logits, triton_grads = loss_and_grads()
+    assert len(calls) == 2  # both layers went through the kernels
+    torch.testing.assert_close(triton_logits, sdpa_logits, atol=1e-5, rtol=1e-5)
+    for name, g in sdpa_grads.items():
+        torch.testing.assert_close(triton_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_through_the_kernels_matches_sdpa(tiny_runs, tmp_path, monkeypatch):
+    """A few steps of train.py --preset tiny with the Triton path and with SDPA: the same losses."""
+    train, read_metrics = P.train, P.checkpoint.read_metrics
+    data = tiny_runs.data("project09_flash_attention")
+    flags = ["--preset", "tiny", "--device", "cpu", "--data", str(data), "--max-iters", "3",
+             "--eval-interval", "3", "--eval-iters", "1"]  # fmt: skip
+    assert train.main([*flags, "--attention", "sdpa", "--out", str(tmp_path / "sdpa")]) == 0
+    monkeypatch.setattr(P.model, "kernels_run_on", lambda t: True)
+    assert train.main([*flags, "--attention", "triton", "--out", str(tmp_path / "triton")]) == 0
+    a, b = ([m["loss"] for m in read_metrics(tmp_path / run) if "loss" in m] for run in ("sdpa", "triton"))
+    assert a == pytest.approx(b, rel=1e-5) and len(a) == 3
