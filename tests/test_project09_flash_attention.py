@@ -2,6 +2,10 @@
 log-sum-exp, decode-shaped queries, half precision), on the CPU through Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 when there is no GPU), and the model with its attention routed through them."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import load_project, tiny_gpt
@@ -166,3 +170,49 @@ def test_training_through_the_kernels_matches_sdpa(tiny_runs, tmp_path, monkeypa
     assert train.main([*flags, "--attention", "triton", "--out", str(tmp_path / "triton")]) == 0
     a, b = ([m["loss"] for m in read_metrics(tmp_path / run) if "loss" in m] for run in ("sdpa", "triton"))
     assert a == pytest.approx(b, rel=1e-5) and len(a) == 3
+
+
+# The interpreter runs a kernel as Python, so it accepts things the GPU compiler refuses (a plain global
+# float inside a kernel did). Compiling for an H100/H200 (sm_90) needs no GPU, since Triton's wheel carries
+# ptxas, but it needs the kernels as GPU kernels: a fresh process without TRITON_INTERPRET.
+COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import flash_attention as FA
+
+def compile_for_sm90(kernel, constexprs, **options):
+    pointers = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in ("LSE", "DELTA"):
+            return "*fp32"
+        return "*bf16" if name in pointers else "fp32" if name.endswith("scale") else "i32"
+    signature = {name: kind(name) for name in kernel.arg_names}
+    consts = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+
+meta = dict(HEAD_DIM=64, CAUSAL=sys.argv[1] == "causal")
+print(max(
+    compile_for_sm90(FA._fwd_kernel, dict(BLOCK_M=128, BLOCK_N=64, **meta), num_warps=4, num_stages=3),
+    compile_for_sm90(FA._bwd_dkdv_kernel, dict(BLOCK_M=64, BLOCK_N=64, **meta), num_stages=2),
+    compile_for_sm90(FA._bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, **meta), num_stages=2),
+    compile_for_sm90(FA._bwd_preprocess, dict(HEAD_DIM=64, BLOCK_M=64)),
+))
+"""
+
+
+@pytest.mark.parametrize("causal", ["causal", "full"])
+def test_kernels_compile_for_an_h100_without_a_gpu(causal):
+    """Every kernel in _launch_config's GPU configuration at head dim 64 in bf16 compiles for sm_90, within
+    its 227 KiB of shared memory per block."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-c", COMPILE_FOR_SM90, causal]
+    result = subprocess.run(
+        cmd, cwd=P.model.__file__.rsplit("/", 1)[0], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 0 < int(result.stdout.split()[-1]) <= 227 * 1024

@@ -27,6 +27,7 @@ import triton.language as tl
 # The kernels use exp2, the hardware's native exponential: exp(x) = exp2(x * log2(e)). Folding log2(e) into
 # the softmax scale makes the scores base-2 logits at the cost of one multiply per score we already do.
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the kernels' copy: a jit function reads only constexpr globals
 
 
 @triton.jit
@@ -121,7 +122,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, stride_qh, stride_qt, stride_kh, stride_kt, T
 
     o = acc / l_i[:, None]  # normalise once at the end, not in every step
     tl.store(Out + q_offs, o.to(Out.dtype.element_ty), mask=rows[:, None] < T_q)
-    lse = (m_i + tl.log2(l_i)) / LOG2E  # natural-log LSE per row, (BLOCK_M,)
+    lse = (m_i + tl.log2(l_i)) / _LOG2E  # natural-log LSE per row, (BLOCK_M,)
     tl.store(LSE + bh * T_q + rows, lse, mask=rows < T_q)
 
 
@@ -146,7 +147,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, co
         # Rows past T_q load as zeros: their dO = 0 and delta = 0 make both their dV and dK terms vanish.
         q = tl.load(q_ptrs + start_m * stride_qt, mask=rows[:, None] < T_q, other=0.0)  # (BLOCK_M, hs)
         do = tl.load(do_ptrs + start_m * stride_qt, mask=rows[:, None] < T_q, other=0.0)  # (BLOCK_M, hs)
-        lse = tl.load(lse_ptr + rows, mask=rows < T_q, other=0.0) * LOG2E  # (BLOCK_M,), base 2
+        lse = tl.load(lse_ptr + rows, mask=rows < T_q, other=0.0) * _LOG2E  # (BLOCK_M,), base 2
         delta = tl.load(delta_ptr + rows, mask=rows < T_q, other=0.0)  # (BLOCK_M,)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])  # the forward's attention weights, recomputed
@@ -218,7 +219,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qh, stride_qt, stride_kh,
     q_offs = bh * stride_qh + rows[:, None] * stride_qt + offs_d[None, :]  # (BLOCK_M, hs)
     q = tl.load(Q + q_offs, mask=rows[:, None] < T_q, other=0.0)
     do = tl.load(DO + q_offs, mask=rows[:, None] < T_q, other=0.0)
-    lse = tl.load(LSE + bh * T_q + rows, mask=rows < T_q, other=0.0) * LOG2E  # (BLOCK_M,), base 2
+    lse = tl.load(LSE + bh * T_q + rows, mask=rows < T_q, other=0.0) * _LOG2E  # (BLOCK_M,), base 2
     delta = tl.load(DELTA + bh * T_q + rows, mask=rows < T_q, other=0.0)
     k_ptrs = K + bh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, hs), block 0
     v_ptrs = V + bh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
