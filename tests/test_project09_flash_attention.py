@@ -159,6 +159,19 @@ def test_the_model_through_the_kernels_equals_sdpa(monkeypatch):
         torch.testing.assert_close(triton_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_cached_generation_prefills_through_the_kernels(monkeypatch):
+    """The prompt's prefill goes through the kernels (its keys also written to the cache), the decode steps
+    through SDPA over the cache: the uncached path's greedy tokens, inside the context and past it."""
+    model = tiny_gpt("project09_flash_attention", n_embd=32, n_head=2, block_size=32)
+    prompt = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(1))
+    plain = torch.cat(list(model.generate_stream(prompt, 20, temperature=0, use_cache=False)), dim=1)
+    shapes = []
+    monkeypatch.setattr(P.model, "kernels_run_on", lambda t: shapes.append(t.size(2)) or True)
+    cached = torch.cat(list(model.generate_stream(prompt, 20, temperature=0)), dim=1)
+    assert torch.equal(cached, plain)
+    assert shapes[:2] == [20, 20] and 32 in shapes  # the prefill in both layers; re-prefills past the context
+
+
 def test_training_through_the_kernels_matches_sdpa(tiny_runs, tmp_path, monkeypatch):
     """A few steps of train.py --preset tiny with the Triton path and with SDPA: the same losses."""
     train, read_metrics = P.train, P.checkpoint.read_metrics

@@ -90,13 +90,17 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if input_pos is not None:  # store this step's keys and values, attend to every slot so far
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs); the mask hides unwritten slots
+            k_all, v_all = self.kv_cache.update(
+                input_pos, k, v
+            )  # (B, nh, S, hs); the mask hides unwritten slots
+            if mask is not None:  # NEW: else a prefill from slot 0, whose own keys are all it may see
+                k, v = k_all, v_all
         dropout = self.attn_dropout.p if self.training else 0.0
         if self.flash and self.triton and mask is None and dropout == 0 and kernels_run_on(q):
             y = flash_attention(q, k, v, causal=True)  # NEW: our FlashAttention-2 kernels, (B, nh, T, hs)
         elif self.flash:  # one fused kernel; it never materialises the (T, T) score matrix on GPUs
-            # The cached path brings its own mask: its queries are not at positions 0..T-1. Decoding and
-            # cached prefills take this path (the Triton kernels take no mask).
+            # Decoding brings its own mask: its queries are not at positions 0..T-1 (the Triton kernels take
+            # no mask, so decoding stays here, with dropout and the explicit path's CPU fallback).
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
             )  # (B, nh, T, hs)
@@ -267,6 +271,8 @@ class GPT(nn.Module):
     def _cached_positions(self, input_pos: torch.Tensor, padding: torch.Tensor | None):
         """For tokens at cache slots input_pos (T,): their positions, (T,) or (B, T) when rows are left
         padded, and the slots each one may see, (T, S) or (B, 1, T, S)."""
+        if padding is None and input_pos.numel() > 1:  # NEW: a prefill (slots 0..T-1): plain causal attention
+            return input_pos, None  # over its own keys, through the Triton kernels on a GPU
         slots = torch.arange(self.cache_size, device=input_pos.device)  # (S,)
         mask = slots <= input_pos[:, None]  # (T, S): causal; unwritten slots all lie ahead, so hidden too
         if padding is None:
