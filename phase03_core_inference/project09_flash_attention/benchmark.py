@@ -109,36 +109,50 @@ class RandomTokens:
         return self.data[:, :-1], self.data[:, 1:]
 
 
-def train_tokens_per_s(mc, tc, precision, args, device) -> float | None:
-    """Tokens/s of one training step of GPT(mc) (a micro-batch of tc.batch_size), or None out of memory."""
+def train_and_prefill(mc, tc, precision, args, device) -> tuple[float | None, float | None]:
+    """Tokens/s of one training step of GPT(mc) (a micro-batch of tc.batch_size), and milliseconds of one
+    prefill, a forward pass over one full-context prompt under the KV cache; None out of memory."""
     torch.manual_seed(0)
     model = GPT(mc).to(device)
     optimizer = make_optimizer(model, tc, device)
     loader = RandomTokens(tc.batch_size, mc.block_size, mc.vocab_size, device)
     step = lambda: train_step(model, optimizer, NoScaler(), loader, 1, tc.lr, tc, device, precision, Dist())  # noqa: E731
+    prompt = loader.data[:1, :-1]  # (1, T)
+
+    @torch.no_grad()
+    def prefill():
+        with precision.autocast(device):
+            model.setup_cache(
+                1, mc.block_size, precision.compute if precision.compute != torch.float32 else None
+            )
+            model.prefill(prompt)
+            model.clear_cache()
+
     torch.cuda.empty_cache()
     try:
-        seconds, _ = time_it(step, device, warmup=2, repeats=args.repeats)
+        train_s, _ = time_it(step, device, warmup=2, repeats=args.repeats)
+        prefill_s, _ = time_it(prefill, device, warmup=2, repeats=args.repeats)
     except torch.OutOfMemoryError:
-        return None
-    return tc.batch_size * mc.block_size / seconds
+        return None, None
+    return tc.batch_size * mc.block_size / train_s, prefill_s * 1e3
 
 
 def end_to_end_rows(args, device) -> list[dict]:
-    """GPT-2 124M's training tokens/s with each attention, at its context and at 4x it (attention's share of
-    a step grows with the length), the same 16,384 tokens a step at both."""
+    """GPT-2 124M's training tokens/s and prefill time with each attention, at its context and at 4x it
+    (attention's share of a step grows with the length), the same 16,384 tokens a training step at both."""
     mc, tc = PRESETS["gpt2"]
     precision, rows = PRECISIONS[auto_precision(device)], []
     variants = {"explicit": (False, False), "sdpa": (True, False), "triton": (True, True)}  # (flash, triton)
     for block in (1024, 4096):
         tc_block = replace(tc, batch_size=16 * 1024 // block)
-        tokens = {
-            f"{name}, 124M, T={block}": train_tokens_per_s(
+        runs = {
+            f"{name}, 124M, T={block}": train_and_prefill(
                 replace(mc, block_size=block, flash=flash, triton=triton), tc_block, precision, args, device
             )
             for name, (flash, triton) in variants.items()
         }
-        rows += compare("train_tok_per_s", "tok/s", tokens)
+        rows += compare("train_tok_per_s", "tok/s", {n: r[0] for n, r in runs.items()})
+        rows += compare("ttft_ms", "ms", {n: r[1] for n, r in runs.items()})
     return rows
 
 
