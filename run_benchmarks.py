@@ -74,7 +74,7 @@ def plan() -> list[Job]:
             {"cuda": "our Triton FlashAttention-2 vs explicit vs SDPA, 512 to 16k tokens; 124M end to end",
              "cpu": "the kernels' error in Triton's interpreter and the memory formula (speed needs a GPU)"},
             {"cuda": 150, "cpu": 10},
-            {"cuda": [("benchmark.py", ["--repeats", "5"])],
+            {"cuda": [("benchmark.py", ["--lengths", "1024,4096,16384", "--repeats", "3"])],
              "cpu": [("benchmark.py", [])]}),
         Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
                                    "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},

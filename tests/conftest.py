@@ -29,10 +29,9 @@ import torch
 # barrier waiting for a core that another process holds (a second pytest-xdist worker, say). Measured on
 # 2 shared cores: a (100, 32) Linear takes 13 us on one thread and 2.6 ms on two.
 torch.set_num_threads(1)
-# Without a GPU, Triton's kernels run in its interpreter. @triton.jit reads this when a kernel module is
-# imported, so it is set before any project is loaded.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernels run in its interpreter, on CPU tensors, with or without a GPU (tests that need the GPU run
+# their own process). @triton.jit reads this when a kernel module is imported: before any project is loaded.
+os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = sorted(p for p in ROOT.glob("phase*/project*") if (p / "model.py").exists())

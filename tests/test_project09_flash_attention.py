@@ -1,6 +1,7 @@
 """Project 09's FlashAttention-2 kernels against the written-out attention (forward, gradients, the saved
 log-sum-exp, decode-shaped queries, half precision), on the CPU through Triton's interpreter (conftest.py sets
-TRITON_INTERPRET=1 when there is no GPU), and the model with its attention routed through them."""
+TRITON_INTERPRET=1), the model with its attention routed through them, the kernels compiled for an H100, and,
+where there is a GPU, the kernels on it in bf16 and fp16."""
 
 import os
 import subprocess
@@ -229,3 +230,40 @@ def test_kernels_compile_for_an_h100_without_a_gpu(causal):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert 0 < int(result.stdout.split()[-1]) <= 227 * 1024
+
+
+ON_THE_GPU = """
+import torch
+from flash_attention import attention_reference, flash_attention
+
+for dtype in (torch.bfloat16, torch.float16):
+    for causal in (True, False):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(2, 4, 1000, 64, device="cuda", generator=g) for _ in range(4))
+
+        def run(fn, cast):
+            leaves = [x.to(cast).requires_grad_() for x in (q, k, v)]
+            o = fn(*leaves, causal)
+            o.backward(do.to(cast))
+            return [o.float(), *(x.grad.float() for x in leaves)]
+
+        ours = run(flash_attention, dtype)
+        torch_16 = run(attention_reference, dtype)  # PyTorch's attention in the same 16-bit dtype
+        ref = run(attention_reference, torch.float32)
+        for name, a, b, r, limit in zip(("o", "dq", "dk", "dv"), ours, torch_16, ref, (2, 3, 3, 3)):
+            ok = (a - r).abs().max() <= limit * (b - r).abs().max()
+            assert ok, (dtype, causal, name, (a - r).abs().max().item(), (b - r).abs().max().item())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_bf16_and_fp16_within_the_rule():
+    """Compiled for the GPU in a process without the interpreter: bf16 (which the interpreter cannot check)
+    and fp16 within 2x (gradients 3x) the error of PyTorch's own attention in that dtype, T = 1000."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    folder = P.model.__file__.rsplit("/", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", ON_THE_GPU], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -27,6 +27,7 @@ import triton.language as tl
 # The kernels use exp2, the hardware's native exponential: exp(x) = exp2(x * log2(e)). Folding log2(e) into
 # the softmax scale makes the scores base-2 logits at the cost of one multiply per score we already do.
 LOG2E = 1.4426950408889634
+HEAD_SIZES = (16, 32, 64, 128)  # tl.arange needs a power of two; tl.dot at least 16 on GPUs
 _LOG2E = tl.constexpr(LOG2E)  # the kernels' copy: a jit function reads only constexpr globals
 
 
@@ -99,8 +100,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, rows, offs_n, lo, hi
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, LSE, stride_qh, stride_qt, stride_kh, stride_kt, T_q, T_k, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)  # int64: bh * stride overflows int32 on big batches
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)  # int64: bh * stride overflows int32 on big batches
     rows = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -129,8 +130,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, stride_qh, stride_qt, stride_kh, stride_kt, T
 @triton.jit
 def _bwd_preprocess(Out, DO, DELTA, stride_h, stride_t, T_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax backward's per-row term, computed once."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(0).to(tl.int64)
     offs = bh * stride_h + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
     o = tl.load(Out + offs, mask=rows[:, None] < T_q, other=0.0).to(tl.float32)  # (BLOCK_M, hs)
     do = tl.load(DO + offs, mask=rows[:, None] < T_q, other=0.0).to(tl.float32)
@@ -164,8 +165,8 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, co
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qh, stride_qt, stride_kh, stride_kt, T_q, T_k,
                      sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
+    bh = tl.program_id(0).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -211,8 +212,8 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, rows, offs_n, lo
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qh, stride_qt, stride_kh, stride_kt, T_q, T_k,
                    sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -248,9 +249,10 @@ def _launch_config(q: torch.Tensor, backward: bool) -> dict:
 
 
 def _strides(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
-    """Steps between heads and between positions. The tensors are contiguous (B, nh, T, hs), so the head
-    step also steps over the batch: the kernels index batch and head together as one bh = b * nh + h."""
-    return q.stride(1), q.stride(2), k.stride(1), k.stride(2)
+    """Steps between heads and between positions of contiguous (B, nh, T, hs) tensors, from their shapes: the
+    head step also steps over the batch, as the kernels index batch and head together as bh = b * nh + h.
+    (Not .stride(): with one head PyTorch calls a tensor contiguous whatever its stride(1) says.)"""
+    return q.size(2) * q.size(3), q.size(3), k.size(2) * k.size(3), k.size(3)
 
 
 def _flash_forward(q, k, v, causal: bool, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +261,9 @@ def _flash_forward(q, k, v, causal: bool, cfg: dict) -> tuple[torch.Tensor, torc
     o = torch.empty_like(q)
     lse = torch.empty((B, nh, T_q), device=q.device, dtype=torch.float32)
     qk_scale = LOG2E / math.sqrt(hs)  # softmax scale 1/sqrt(hs), in base 2
-    grid = (triton.cdiv(T_q, cfg["BLOCK_M"]), B * nh)  # one program per (query block, batch*head)
+    # One program per (batch*head, query block): batch*head on the grid's first axis, which may hold 2**31 - 1
+    # programs (the others stop at 65,535).
+    grid = (B * nh, triton.cdiv(T_q, cfg["BLOCK_M"]))
     _fwd_kernel[grid](
         q, k, v, o, lse, *_strides(q, k), T_q, k.size(2), qk_scale, HEAD_DIM=hs, CAUSAL=causal, **cfg
     )
@@ -286,12 +290,12 @@ class FlashAttention(torch.autograd.Function):
         sizes = (*_strides(q, k), T_q, T_k, 1.0 / math.sqrt(hs), LOG2E / math.sqrt(hs))
 
         delta = torch.empty_like(lse)  # (B, nh, T_q), fp32
-        grid = (triton.cdiv(T_q, 64), B * nh)
-        _bwd_preprocess[grid](o, do, delta, q.stride(1), q.stride(2), T_q, HEAD_DIM=hs, BLOCK_M=64)
+        grid = (B * nh, triton.cdiv(T_q, 64))
+        _bwd_preprocess[grid](o, do, delta, *_strides(q, k)[:2], T_q, HEAD_DIM=hs, BLOCK_M=64)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grid = (triton.cdiv(T_k, cfg["BLOCK_N"]), B * nh)  # one program per (key block, batch*head)
+        grid = (B * nh, triton.cdiv(T_k, cfg["BLOCK_N"]))  # one program per (batch*head, key block)
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *sizes, **meta)
-        grid = (triton.cdiv(T_q, cfg["BLOCK_M"]), B * nh)  # one program per (query block, batch*head)
+        grid = (B * nh, triton.cdiv(T_q, cfg["BLOCK_M"]))  # one program per (batch*head, query block)
         _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *sizes, **meta)
         return dq, dk, dv, None, None
 
@@ -302,16 +306,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share one of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     hs = q.size(-1)
-    if hs not in (16, 32, 64, 128):  # tl.arange needs a power of two; tl.dot at least 16 on GPUs
+    if hs not in HEAD_SIZES:  # tl.arange needs a power of two; tl.dot at least 16 on GPUs
         raise ValueError(f"head size {hs} is not supported (16, 32, 64 or 128)")
     if q.size(2) == 0 or k.size(2) == 0 or (causal and q.size(2) > k.size(2)):
         raise ValueError(f"causal attention needs 1 <= T_q <= T_k, got T_q={q.size(2)}, T_k={k.size(2)}")
 
 
 def kernels_run_on(t: torch.Tensor) -> bool:
-    """Where the model sends attention here: CUDA tensors. Elsewhere Triton has no compiler, and its
-    interpreter (TRITON_INTERPRET=1, how the tests run the kernels on a CPU) is far too slow for real use."""
-    return t.is_cuda
+    """Where the model sends attention here: 16-bit CUDA tensors with a head size the kernels take. Elsewhere
+    Triton has no compiler (its interpreter, TRITON_INTERPRET=1, runs the tests on a CPU, far too slowly for
+    real use), and fp32 would run tl.dot in TF32, which --precision fp32 promises not to."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and t.size(-1) in HEAD_SIZES
 
 
 def flash_attention(

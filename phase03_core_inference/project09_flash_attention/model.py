@@ -212,12 +212,17 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden(
-        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, padding: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C).
 
         With input_pos (T,), after setup_cache(), idx holds the tokens at those cache slots, and they
-        attend to every slot written so far. padding (B,): how many slots of each row are left padding."""
+        attend to every slot written so far. padding (B,): how many slots of each row are left padding.
+        prefill: input_pos is 0..T-1, so the tokens need see only each other."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -226,18 +231,23 @@ class GPT(nn.Module):
                 )
             pos, mask = torch.arange(T, device=idx.device), None  # (T,); attention masks causally itself
         else:
-            pos, mask = self._cached_positions(input_pos, padding)
+            pos, mask = self._cached_positions(input_pos, padding, prefill)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C); positions broadcast over the batch
         for block in self.blocks:
             x = block(x, input_pos, mask)
         return self.ln_f(x)
 
     def next_token_logits(
-        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, padding: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """(B, V): the logits of the token after idx's last. Only the last position goes through lm_head (at
         GPT-2's 50,257 tokens that is the largest matmul of a step)."""
-        return self.lm_head(self.hidden(idx, input_pos, padding)[:, -1, :])[:, : self.config.vocab_size]
+        x = self.hidden(idx, input_pos, padding, prefill)[:, -1, :]  # (B, C)
+        return self.lm_head(x)[:, : self.config.vocab_size]
 
     # --- the KV cache --------------------------------------------------------------------------------------
 
@@ -268,11 +278,11 @@ class GPT(nn.Module):
             raise ValueError("no KV cache: call setup_cache() first")
         return cache.k_cache.size(2)
 
-    def _cached_positions(self, input_pos: torch.Tensor, padding: torch.Tensor | None):
+    def _cached_positions(self, input_pos: torch.Tensor, padding: torch.Tensor | None, prefill: bool):
         """For tokens at cache slots input_pos (T,): their positions, (T,) or (B, T) when rows are left
         padded, and the slots each one may see, (T, S) or (B, 1, T, S)."""
-        if padding is None and input_pos.numel() > 1:  # NEW: a prefill (slots 0..T-1): plain causal attention
-            return input_pos, None  # over its own keys, through the Triton kernels on a GPU
+        if prefill and padding is None:  # NEW: slots 0..T-1 see only each other: causal attention, no mask,
+            return input_pos, None  # so through the Triton kernels on a GPU
         slots = torch.arange(self.cache_size, device=input_pos.device)  # (S,)
         mask = slots <= input_pos[:, None]  # (T, S): causal; unwritten slots all lie ahead, so hidden too
         if padding is None:
@@ -291,7 +301,8 @@ class GPT(nn.Module):
             raise ValueError(
                 f"a prompt of {idx.size(1)} tokens does not fit the KV cache ({self.cache_size})"
             )
-        return self.next_token_logits(idx, torch.arange(idx.size(1), device=idx.device), padding)
+        slots = torch.arange(idx.size(1), device=idx.device)  # (T,)
+        return self.next_token_logits(idx, slots, padding, prefill=True)
 
     def decode(self, next_id: torch.Tensor, slot: int, padding: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, (B, 1), at cache slot `slot`: one position's work, attending to the slots
