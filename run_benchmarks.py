@@ -9,7 +9,8 @@ python run_benchmarks.py --list                           # the plan and each st
 
 On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a briefly pre-trained base,
 which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
-times its Triton attention kernels against SDPA and explicit attention, project 03
+times its Triton attention kernels against SDPA and explicit attention, project 10 times the first token
+with and without its prefix cache on a shared-prefix workload, project 03
 measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
 for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
 the weights; their quality figures then mean little, and the results' config says how many steps made them).
@@ -76,6 +77,11 @@ def plan() -> list[Job]:
             {"cuda": 150, "cpu": 10},
             {"cuda": [("benchmark.py", ["--lengths", "1024,4096,16384", "--repeats", "3"])],
              "cpu": [("benchmark.py", [])]}),
+        Job("project10_prompt_caching",
+            {"cuda": "time to first token without/with the prefix cache: 8 x 8 prompts, 1,024-token prefix",
+             "cpu": "the same at 2 groups x 8 prompts, 8 new tokens"},
+            {"cuda": 60, "cpu": 60},
+            {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", [])]}),
         Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
                                    "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
             {"cuda": 100, "cpu": 50},

@@ -316,6 +316,30 @@ def tiny_gpt(project: Path | str, seed: int = 0, **config) -> torch.nn.Module:
     return model.eval()
 
 
+def trained_char_gpt(project: Path | str, block_size: int = 256) -> torch.nn.Module:
+    """A project's character-level GPT, trained 40 steps on make_corpus(100): its greedy text varies, where a
+    random model soon repeats one token, and a long prompt plus 200 new tokens fit its context."""
+    P = load_project(project)
+    text = make_corpus(100)
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text])
+    config = P.model.GPTConfig(vocab_size=len(chars), block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = P.model.GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        starts = torch.randint(len(data) - 65, (8,), generator=g)
+        x = torch.stack([data[s : s + 64] for s in starts])
+        y = torch.stack([data[s + 1 : s + 65] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 3.0  # it learned something: uniform guessing is ln(len(chars)) ~ 3.6
+    return model.eval()
+
+
 def tiny_hf_model(seed: int = 0):
     """transformers' GPT2LMHeadModel of the TINY_HF shape, perturbed, in eval mode."""
     import transformers  # noqa: PLC0415 - slow to import; only the Hugging Face tests need it

@@ -58,6 +58,7 @@ GOLDEN = {
     "project07_mixed_precision": PADDED_GPT2,
     "project08_kv_cache": PADDED_GPT2,  # the same model; generate_stream now runs through the KV cache
     "project09_flash_attention": PADDED_GPT2,
+    "project10_prompt_caching": PADDED_GPT2,
 }
 
 

@@ -12,12 +12,12 @@ import torch
 from conftest import (
     assert_one_line_error,
     load_project,
-    make_corpus,
     printed,
     read_report,
     run_main,
     tiny_gpt,
     tiny_hf_model,
+    trained_char_gpt,
 )
 
 PROJECT = "project08_kv_cache"
@@ -31,26 +31,7 @@ def tokens(steps) -> list[int]:
 
 @pytest.fixture(scope="module")
 def trained() -> torch.nn.Module:
-    """A character-level GPT with a 256-token context, trained 40 steps on the play corpus: its greedy text
-    varies, where a random model soon repeats one token, and 16 + 220 tokens fit in its cache."""
-    text = make_corpus(100)
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
-    config = P.model.GPTConfig(vocab_size=len(chars), block_size=256, n_layer=2, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    model = P.model.GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        starts = torch.randint(len(data) - 65, (8,), generator=g)
-        x = torch.stack([data[s : s + 64] for s in starts])
-        y = torch.stack([data[s + 1 : s + 65] for s in starts])
-        _, loss = model(x, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 3.0  # it learned something: uniform guessing is ln(len(chars)) ~ 3.6
-    return model.eval()
+    return trained_char_gpt(PROJECT)
 
 
 def prompt_of(model, n: int = 16, seed: int = 0) -> torch.Tensor:
