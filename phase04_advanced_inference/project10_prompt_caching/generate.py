@@ -133,7 +133,7 @@ def sample(
     return "".join(pieces), ids
 
 
-SAVED = {"with": 0.0, "without": 0.0}  # seconds to first token, summed over the requests
+TTFT_SECONDS = {"with": 0.0, "without": 0.0}  # time to first token with and without the prefix cache, summed
 
 
 def full_prefill_seconds(model: GPT, idx: torch.Tensor) -> float:
@@ -147,7 +147,8 @@ def full_prefill_seconds(model: GPT, idx: torch.Tensor) -> float:
 
 
 def report_request(idx: torch.Tensor, reused: int, ttft: float, without: float) -> None:
-    SAVED["with"], SAVED["without"] = SAVED["with"] + ttft, SAVED["without"] + without
+    TTFT_SECONDS["with"] += ttft
+    TTFT_SECONDS["without"] += without
     print(
         f"\n[prefix cache] {reused} of {idx.size(1)} prompt tokens reused; first token in "
         f"{ttft * 1e3:.1f} ms (a full prefill takes {without * 1e3:.1f} ms)",
@@ -159,7 +160,7 @@ def report_cache(prefix_cache: PrefixCache | None) -> None:
     if prefix_cache is not None and prefix_cache.queried_tokens:
         print(
             f"[prefix cache] hit rate {prefix_cache.hit_rate:.0%} of prompt tokens; time to first token "
-            f"{SAVED['with']:.3f} s in all, {SAVED['without']:.3f} s without the cache; "
+            f"{TTFT_SECONDS['with']:.3f} s in all, {TTFT_SECONDS['without']:.3f} s without the cache; "
             f"{prefix_cache.bytes_used / 2**20:.1f} MiB in {prefix_cache.num_blocks} blocks",
             file=sys.stderr,
         )
@@ -197,18 +198,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cached = not (args.no_cache or args.no_prefix_cache)
     prefix_cache = PrefixCache(int(args.cache_mb * 2**20)) if cached else None
+    TTFT_SECONDS.update({"with": 0.0, "without": 0.0})  # this run's totals (tests call main repeatedly)
     if args.interactive:
         return interact(model, tokenizer, args, gen, prefix_cache)
     prompts = read_prompts(args)
-    encoded = [
-        encode_prompt(tokenizer, prompt, block_size, device) for prompt in prompts
-    ]  # all checked first
+    encoded = [encode_prompt(tokenizer, prompt, block_size, device) for prompt in prompts]  # all, first
     for n, (prompt, idx) in enumerate(zip(prompts, encoded), start=1):
         for i in range(args.num_samples):
             if args.num_samples > 1 or len(prompts) > 1:
-                print(
-                    f"--- prompt {n}, sample {i + 1} ---" if len(prompts) > 1 else f"--- sample {i + 1} ---"
-                )
+                print(f"--- {f'prompt {n}, ' if len(prompts) > 1 else ''}sample {i + 1} ---")
             print(prompt, end="", flush=True)
             text, _ = sample(model, tokenizer, idx, args, gen, args.stream, prefix_cache)
             print("" if args.stream else text)
