@@ -10,7 +10,8 @@ python run_benchmarks.py --list                           # the plan and each st
 On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a briefly pre-trained base,
 which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
 times its Triton attention kernels against SDPA and explicit attention, project 10 times the first token
-with and without its prefix cache on a shared-prefix workload, project 03
+with and without its prefix cache on a shared-prefix workload, project 11 trains a target and a draft and
+times speculative decoding, project 03
 measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
 for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
 the weights; their quality figures then mean little, and the results' config says how many steps made them).
@@ -51,6 +52,8 @@ class Job:
 def plan() -> list[Job]:
     """The jobs in priority order. Paths are the benchmark checkpoints under data/models/benchmarks/."""
     p01, p03, p04, p06 = (str(MODELS / name) for name in ("p01", "p03", "p04", "p06"))
+    p11t, p11d = (str(MODELS / name) for name in ("p11_target", "p11_draft"))
+    short = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "2"]
     new, no_eval = "--overwrite", ["--eval-samples", "0"]
     sft, prefs = ["--data", "instruction-data"], ["--data", "instruction-data-with-preference"]
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
@@ -82,6 +85,22 @@ def plan() -> list[Job]:
              "cpu": "the same at 2 groups x 8 prompts, 8 new tokens"},
             {"cuda": 60, "cpu": 60},
             {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", [])]}),
+        Job("project11_speculative_decoding",
+            {"cuda": "speculative decoding: a 124M target (60 steps), the draft preset, k 2-8, prompt lookup",
+             "cpu": "speculative decoding: a briefly trained cpu-preset target and draft; the formula"},
+            {"cuda": 120, "cpu": 100},
+            {"cuda": [("project03_pretrain/train.py", ["--preset", "gpt2", "--data", str(SHARDS),
+                                                       "--max-iters", "60", "--eval-interval", "60",
+                                                       "--eval-iters", "2", "--total-batch-tokens", "65536",
+                                                       "--out", p11t, new]),
+                      ("train.py", ["--preset", "draft", "--data", str(SHARDS), "--attention", "sdpa",
+                                    "--out", p11d, new]),
+                      ("benchmark.py", ["--checkpoint", p11t, "--draft", p11d, "--no-124m"])],
+             "cpu": [("project03_pretrain/train.py", ["--preset", "cpu", "--data", str(SHARDS), *short,
+                                                      "--out", p11t, new]),
+                     ("train.py", ["--preset", "draft", "--data", str(SHARDS), *short, "--out", p11d, new]),
+                     ("benchmark.py", ["--checkpoint", p11t, "--draft", p11d, "--threads", "1",
+                                       "--repeats", "1", "--temperatures", "0", "--no-124m"])]}),
         Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
                                    "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
             {"cuda": 100, "cpu": 50},

@@ -59,6 +59,7 @@ GOLDEN = {
     "project08_kv_cache": PADDED_GPT2,  # the same model; generate_stream now runs through the KV cache
     "project09_flash_attention": PADDED_GPT2,
     "project10_prompt_caching": PADDED_GPT2,
+    "project11_speculative_decoding": PADDED_GPT2,
 }
 
 
