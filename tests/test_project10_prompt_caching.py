@@ -166,4 +166,4 @@ def test_benchmark_reports_time_to_first_token_and_the_same_tokens(tmp_path):
     rows = read_report(tmp_path, PROJECT)
     assert rows[("same_tokens", "prefix cache")]["value"] is True
     assert rows[("hit_rate", "prefix cache")]["value"] > 50
-    assert rows[("ttft_ms", "prefix cache, hits only")]["baseline"] == "no prefix cache"
+    assert rows[("median_ttft_ms", "prefix cache, hits only")]["baseline"] == "no prefix cache"
