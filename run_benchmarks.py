@@ -11,7 +11,7 @@ On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a
 which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
 times its Triton attention kernels against SDPA and explicit attention, project 10 times the first token
 with and without its prefix cache on a shared-prefix workload, project 11 trains a target and a draft and
-times speculative decoding, project 03
+times speculative decoding, project 14 quantizes the 124M base every way and times decoding, project 03
 measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
 for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
 the weights; their quality figures then mean little, and the results' config says how many steps made them).
@@ -101,6 +101,15 @@ def plan() -> list[Job]:
                      ("train.py", ["--preset", "draft", "--data", str(SHARDS), *short, "--out", p11d, new]),
                      ("benchmark.py", ["--checkpoint", p11t, "--draft", p11d, "--threads", "1",
                                        "--repeats", "1", "--temperatures", "0", "--no-124m"])]}),
+        Job("project14_ptq",
+            {"cuda": "int8/int4 RTN, GPTQ, LLM.int8() on the 124M base; decode tok/s at 124M; int4 kernel",
+             "cpu": "int8/int4 RTN, GPTQ, LLM.int8() on project 03's cpu checkpoint; decode at its shape"},
+            {"cuda": 90, "cpu": 50},
+            {"cuda": [("benchmark.py", ["--checkpoint", p03, "--data", str(SHARDS), "--group-sizes", "128",
+                                        "--calibration-samples", "32", "--eval-tokens", "16384"])],
+             "cpu": [("benchmark.py", ["--data", str(SHARDS), "--preset", "cpu", "--group-sizes", "128",
+                                       "--calibration-samples", "32", "--eval-tokens", "4096",
+                                       "--decode-tokens", "16", "--repeats", "3", "--threads", "1"])]}),
         Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
                                    "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
             {"cuda": 100, "cpu": 50},

@@ -60,6 +60,7 @@ GOLDEN = {
     "project09_flash_attention": PADDED_GPT2,
     "project10_prompt_caching": PADDED_GPT2,
     "project11_speculative_decoding": PADDED_GPT2,
+    "project14_ptq": PADDED_GPT2,  # project 09's model; quantization only swaps the blocks' Linear layers
 }
 
 

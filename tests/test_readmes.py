@@ -35,7 +35,7 @@ def test_commands_find_what_the_commands_before_them_wrote(readme):
         folder = script.rsplit("/", 1)[0] if "/" in script else readme.parent.name
         project = folder.rsplit("/", 1)[-1]
         name = script.rsplit("/", 1)[-1]
-        if name == "train.py" and "--resume" not in words:
+        if name in ("train.py", "quantize.py") and "--resume" not in words:
             out = flag(words, "--out") or ""
             assert out not in written.get(project, set()) or "--overwrite" in words, (
                 f"{' '.join(words)}: --out {out or '(default)'} already holds an earlier command's checkpoint"
