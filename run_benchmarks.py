@@ -54,6 +54,7 @@ def plan() -> list[Job]:
     p01, p03, p04, p06 = (str(MODELS / name) for name in ("p01", "p03", "p04", "p06"))
     p11t, p11d = (str(MODELS / name) for name in ("p11_target", "p11_draft"))
     short = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "2"]
+    p16 = str(MODELS / "p16")
     new, no_eval = "--overwrite", ["--eval-samples", "0"]
     sft, prefs = ["--data", "instruction-data"], ["--data", "instruction-data-with-preference"]
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
@@ -110,6 +111,38 @@ def plan() -> list[Job]:
              "cpu": [("benchmark.py", ["--data", str(SHARDS), "--preset", "cpu", "--group-sizes", "128",
                                        "--calibration-samples", "32", "--eval-tokens", "4096",
                                        "--decode-tokens", "16", "--repeats", "3", "--threads", "1"])]}),
+        Job("project15_kv_quantization",
+            {"cuda": "KIVI KV cache int8/int4/int2: memory and fit at 124M, decode tok/s after 896 tokens",
+             "cpu": "KIVI KV cache: perplexity through the cache (project 03's model), memory, decode"},
+            {"cuda": 40, "cpu": 70},
+            {"cuda": [("benchmark.py", ["--prompt-tokens", "896", "--decode-tokens", "32",
+                                        "--repeats", "3"])],
+             "cpu": [("benchmark.py", ["--eval-tokens", "2048", "--prompt-tokens", "256", "--decode-tokens",
+                                       "16", "--repeats", "3", "--threads", "1"])]}),
+        Job("project12_dynamic_batching",
+            {"cuda": "static vs continuous batching at 124M: 256 requests, 64 at once, offline and online",
+             "cpu": "the same at the cpu preset's shape: 128 requests, 32 at once, 48 online per rate"},
+            {"cuda": 150, "cpu": 200},
+            {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", ["--preset", "cpu"])]}),
+        Job("project16_qat",
+            {"cuda": "int4 QAT vs RTN/GPTQ: held-out perplexity of a cpu-preset checkpoint, 40 steps",
+             "cpu": "int4 QAT vs RTN/GPTQ plumbing on a tiny model; fake-quantisation step overhead"},
+            {"cuda": 90, "cpu": 60},
+            {"cuda": [("project03_pretrain/train.py", ["--preset", "cpu", "--data", str(SHARDS),
+                                                       "--max-iters", "300", "--eval-interval", "300",
+                                                       "--eval-iters", "2", "--out", p16, new]),
+                      ("benchmark.py", ["--checkpoint", p16, "--data", str(SHARDS), "--steps", "40"])],
+             "cpu": [("project03_pretrain/train.py", ["--preset", "tiny", "--data", str(SHARDS), "--out", p16,
+                                                      new]),
+                     ("benchmark.py", ["--checkpoint", p16, "--data", str(SHARDS), "--preset", "tiny",
+                                       "--group-size", "32", "--steps", "10", "--eval-tokens", "8192",
+                                       "--calibration-samples", "16", "--timing-repeats", "3"])]}),
+        Job("project13_paged_attention",
+            {"cuda": "paged KV blocks vs whole-context rows at one KV budget (16 contexts, 124M, 256 "
+                     "requests): waste, largest batch, tok/s; Triton paged kernel vs gather",
+             "cpu": "the same at the cpu preset's shape: 64 requests in 20 MiB (8 contexts)"},
+            {"cuda": 100, "cpu": 150},
+            {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", ["--preset", "cpu"])]}),
         Job("project03_pretrain", {"cuda": "GPT-2 124M tokens/s and MFU: fp32, bf16, SDPA, torch.compile",
                                    "cpu": "the cpu preset's training tokens/s: explicit attention vs SDPA"},
             {"cuda": 100, "cpu": 50},

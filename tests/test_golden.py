@@ -60,7 +60,11 @@ GOLDEN = {
     "project09_flash_attention": PADDED_GPT2,
     "project10_prompt_caching": PADDED_GPT2,
     "project11_speculative_decoding": PADDED_GPT2,
+    "project12_dynamic_batching": PADDED_GPT2,  # the engine is new; generate_stream is project 09's
+    "project13_paged_attention": PADDED_GPT2,  # the paged pool is the engine's; generate_stream is unchanged
     "project14_ptq": PADDED_GPT2,  # project 09's model; quantization only swaps the blocks' Linear layers
+    "project15_kv_quantization": PADDED_GPT2,  # project 14's model; the plain KVCache stays the default
+    "project16_qat": PADDED_GPT2,  # project 14's model; QAT changes only the Linears in training
 }
 
 

@@ -1,0 +1,201 @@
+"""Quantize a trained checkpoint's weights after training, and save the result for generate.py.
+
+python quantize.py                                    # project 03's checkpoint, int4 GPTQ in groups of 128
+python quantize.py --method int8 --out data/models/p14-int8          # int8 per channel, round to nearest
+python quantize.py --method int4 --group-size 32 --out data/models/p14-int4
+python quantize.py --method int8-outlier --out data/models/p14-llm-int8   # LLM.int8()
+python quantize.py --init-from gpt2 --data input.txt  # GPT-2's weights, calibrated on a text file
+python generate.py --checkpoint data/models/p14-int8  # generate.py reads the format from config.json
+
+The checkpoint is a directory like train.py's: model.safetensors holds the integer tensors (int8, or int4
+packed two per byte as uint8), their fp16 scales and uint8 zero points, and every layer left in floating
+point; config.json records the format under "quantization".
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import (
+    DEFAULT_DIR,
+    MODELS_DIR,
+    load_checkpoint,
+    load_weights,
+    prepare_out,
+    read_config,
+    save_checkpoint,
+)
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_device_args,
+    exits_cleanly,
+    non_negative_int,
+    pick_device,
+    positive_float,
+    positive_int,
+)
+from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file
+from hf import load_gpt2
+from model import GPT, GPTConfig
+from quantization import BITS, DEFAULT_GROUP_SIZE, METHODS, block_linears, check_format, quantize_model
+from shards import list_shards, read_shard
+
+PROJECT03 = MODELS_DIR / "project03_pretrain"
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="Quantize a checkpoint's weights to int8 or int4 (RTN, GPTQ, LLM.int8()).")
+    p.add_argument("--checkpoint", type=Path, default=PROJECT03, help="the trained checkpoint to quantize")
+    p.add_argument("--init-from", default=None, help="instead: GPT-2's weights (gpt2, ... or a local folder)")
+    p.add_argument("--method", choices=METHODS, default="gptq", help="int8/int4: round to nearest")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="gptq's width (default 4)")
+    p.add_argument(
+        "--group-size",
+        type=positive_int,
+        default=None,
+        help=f"int4: input features per scale (default {DEFAULT_GROUP_SIZE}); int8: per channel",
+    )
+    p.add_argument("--threshold", type=positive_float, default=6.0, help="int8-outlier: outlier magnitude")
+    p.add_argument("--calibration-samples", type=positive_int, default=128, help="gptq: sequences")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="gptq's calibration text or shards (default: the checkpoint's)",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="where to write the quantized checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a checkpoint this project wrote in --out"
+    )
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="which calibration windows")
+    add_device_args(p, dtype=False)
+    return p.parse_args(argv)
+
+
+def resolve_format(args) -> dict:
+    """The format the flags ask for, or one line saying which flags contradict each other."""
+    bits = args.bits or BITS.get(args.method, 4)
+    if args.method in BITS and bits != BITS[args.method]:
+        raise UserError(f"--bits {bits} contradicts --method {args.method}; --bits chooses gptq's width")
+    if bits == 8 and args.group_size:
+        raise UserError("--group-size applies to 4 bits; 8-bit formats have one scale per output channel")
+    group_size = (args.group_size or DEFAULT_GROUP_SIZE) if bits == 4 else None
+    threshold = args.threshold if args.method == "int8-outlier" else None
+    return {"method": args.method, "bits": bits, "group_size": group_size, "threshold": threshold}
+
+
+def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[GPT, dict]:
+    """The model to quantize and the metadata its quantized checkpoint keeps (tokenizer, training)."""
+    if init_from:
+        model = load_gpt2(init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
+        return model, {
+            "tokenizer": {"type": "tiktoken", "name": "gpt2"},
+            "training": {"init_from": init_from},
+        }
+    config = read_config(checkpoint, tokenizer="tiktoken")
+    if "quantization" in config:
+        raise UserError(f"{checkpoint} is already quantized ({config['quantization']['method']}); "
+                        "quantize the checkpoint it was made from")  # fmt: skip
+    model, config = load_checkpoint(checkpoint, device)
+    return model, {"tokenizer": config["tokenizer"], "training": config["training"]}
+
+
+def token_split(data: Path, split: str) -> np.ndarray:
+    """The "train" or "val" tokens of a folder of shards (prepare.py), or of a text file split 90/10 as
+    train.py splits it."""
+    if data.is_dir():
+        return np.concatenate([read_shard(f) for f in list_shards(data, split)])
+    tokens = encode_text_file(data)
+    n = int(len(tokens) * 0.9)
+    return tokens[:n] if split == "train" else tokens[n:]
+
+
+def training_data(data: Path | None, meta: dict) -> Path:
+    """--data, else what the checkpoint was trained on (train.py records it; None means its default)."""
+    if data is not None:
+        return data
+    if "init_from" in meta["training"]:
+        raise UserError("GPT-2's weights come without their training data: pass --data FILE for calibration")
+    data = Path(meta["training"].get("data") or DEFAULT_SHARDS)
+    if not data.exists():
+        raise UserError(f"the checkpoint was trained on {data}, which is not here: pass --data FILE")
+    return data
+
+
+def calibration_batch(tokens: np.ndarray, samples: int, length: int, seed: int) -> torch.Tensor:
+    """(samples, length) token ids from random windows of the training split, as GPTQ draws its 128
+    calibration sequences from random places in C4."""
+    if len(tokens) < length:
+        raise UserError(
+            f"the calibration data has {len(tokens)} tokens, fewer than one {length}-token window"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - length + 1, (samples,), generator=g).tolist()
+    return torch.stack([torch.from_numpy(tokens[s : s + length].astype(np.int64)) for s in starts])
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, a tied tensor counted once."""
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def layers_bytes(model: GPT, names: list[str]) -> int:
+    """Bytes of the named Linear layers' weights, whatever they have become: the matrix, or its integers
+    with their scales and zero points. Biases are left out: every format keeps them in floating point."""
+    layers = [model.blocks.get_submodule(name) for name in names]
+    return sum(t.numel() * t.element_size() for m in layers for n, t in m.state_dict().items() if n != "bias")
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = resolve_format(args)
+    device = pick_device(args.device)
+    if not args.init_from and args.out.resolve() == args.checkpoint.resolve():
+        raise UserError("--out is the checkpoint being quantized; write the quantized one elsewhere")
+    prepare_out(args.out, resume=False, overwrite=args.overwrite, resumable=False)
+    model, meta = load_float_model(args.checkpoint, args.init_from, device)
+    try:
+        check_format(model, spec["bits"], spec["group_size"])
+    except ValueError as e:
+        raise UserError(f"--group-size: {e}") from e
+    calibration = None
+    if spec["method"] == "gptq":  # random windows of the training split
+        data, T = training_data(args.data, meta), model.config.block_size
+        calibration = calibration_batch(token_split(data, "train"), args.calibration_samples, T, args.seed)
+        spec["calibration"] = {"data": str(data), "samples": args.calibration_samples, "seed": args.seed}
+        calibration = calibration.to(device)
+    names = [name for name, _ in block_linears(model)]
+    before = layers_bytes(model, names)
+    quantize_model(model, args.method, spec["group_size"], spec["bits"], calibration, args.threshold)
+    after = layers_bytes(model, names)
+    save_checkpoint(args.out, model, {**meta, "quantization": spec})
+    group = spec["group_size"] or "per channel"
+    print(
+        f"{args.method}, {spec['bits']} bits, group {group}: the blocks' {len(names)} Linear layers "
+        f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({before / after:.1f}x smaller); wrote {args.out}"
+    )
+    return 0
+
+
+def is_quantized(ckpt_dir: Path) -> bool:
+    return "quantization" in read_config(ckpt_dir)
+
+
+def load_quantized(ckpt_dir: Path, device="cpu", tokenizer: str | None = None) -> tuple[GPT, dict]:
+    """A checkpoint quantize.py wrote: the GPT of its config, its Linear layers swapped for the quantized
+    ones of the recorded format (holding placeholder values), then every tensor read from the file."""
+    config = read_config(ckpt_dir, tokenizer)
+    spec = config["quantization"]
+    model = GPT(GPTConfig(**config["model"]))
+    layout = {"gptq": "int4" if spec["bits"] == 4 else "int8"}.get(spec["method"], spec["method"])
+    quantize_model(model, layout, spec["group_size"], threshold=spec["threshold"])
+    load_weights(model, ckpt_dir)
+    return model.to(device).eval(), config
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
