@@ -8,6 +8,7 @@ test_golden.py.)"""
 import pytest
 import torch
 from conftest import assert_one_line_error, load_project, printed, read_report, run_main, trained_char_gpt
+from conftest import char_ids as ids
 
 PROJECT = "project10_prompt_caching"
 P = load_project(PROJECT)
@@ -18,10 +19,6 @@ BLOCK = 4  # small blocks, so short prompts span many
 @pytest.fixture(scope="module")
 def trained() -> torch.nn.Module:
     return trained_char_gpt(PROJECT)
-
-
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(40, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 SYSTEM = ids(30, 0)  # a shared prefix of 7 full blocks and 2 tokens
