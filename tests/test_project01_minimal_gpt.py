@@ -97,6 +97,13 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert lrs[100] == pytest.approx(tc.min_lr) and lrs[119] == pytest.approx(tc.min_lr)
 
 
+def test_a_peak_below_the_floor_is_never_exceeded():
+    """--lr under the preset's min_lr (a fine-tuning rate, say) stays flat after warm-up: no climb."""
+    tc = P.train.TrainConfig(lr=1e-4, min_lr=2e-4, warmup_iters=10, max_iters=100)
+    lrs = [P.train.lr_at(s, tc) for s in range(120)]
+    assert max(lrs) == pytest.approx(tc.lr) and lrs[119] == pytest.approx(tc.lr)
+
+
 def test_weight_decay_applies_to_matrices_only():
     model = P.model.GPT(TINY)
     decay, no_decay = P.train.make_optimizer(model, P.train.TrainConfig(), torch.device("cpu")).param_groups

@@ -137,7 +137,8 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     if step < tc.warmup_iters:
         return tc.lr * (step + 1) / (tc.warmup_iters + 1)
     progress = min(1.0, (step - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
-    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+    min_lr = min(tc.min_lr, tc.lr)  # a --lr under the preset's floor must not climb to the floor
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - min_lr)
 
 
 def grad_accum_steps(tc: TrainConfig, block_size: int, world_size: int) -> int:
