@@ -54,8 +54,12 @@ def plan() -> list[Job]:
     p01, p03, p04, p06 = (str(MODELS / name) for name in ("p01", "p03", "p04", "p06"))
     p11t, p11d = (str(MODELS / name) for name in ("p11_target", "p11_draft"))
     short = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "2"]
-    p16 = str(MODELS / "p16")
+    p14, p16 = str(MODELS / "p14"), str(MODELS / "p16")
     new, no_eval = "--overwrite", ["--eval-samples", "0"]
+
+    def char_model(preset: str, out: str) -> tuple[str, list[str]]:  # phase 5's testbed: project 01's model
+        return "project01_minimal_gpt/train.py", ["--preset", preset, "--data", str(TEXT), "--out", out, new]
+
     sft, prefs = ["--data", "instruction-data"], ["--data", "instruction-data-with-preference"]
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
                  "--eval-iters", "2", "--total-batch-tokens", "65536", "--out", p03, new]  # fmt: skip
@@ -103,14 +107,18 @@ def plan() -> list[Job]:
                      ("benchmark.py", ["--checkpoint", p11t, "--draft", p11d, "--threads", "1",
                                        "--repeats", "1", "--temperatures", "0", "--no-124m"])]}),
         Job("project14_ptq",
-            {"cuda": "int8/int4 RTN, GPTQ, LLM.int8() on the 124M base; decode tok/s at 124M; int4 kernel",
-             "cpu": "int8/int4 RTN, GPTQ, LLM.int8() on project 03's cpu checkpoint; decode at its shape"},
+            {"cuda": "int8/int4 RTN, GPTQ, LLM.int8() on project 01's char model; decode tok/s at 124M; int4 "
+                     "kernel",
+             "cpu": "int8/int4 RTN, GPTQ, LLM.int8() on a tiny char model; decode at the cpu preset's shape"},
             {"cuda": 90, "cpu": 50},
-            {"cuda": [("benchmark.py", ["--checkpoint", p03, "--data", str(SHARDS), "--group-sizes", "128",
-                                        "--calibration-samples", "32", "--eval-tokens", "16384"])],
-             "cpu": [("benchmark.py", ["--data", str(SHARDS), "--preset", "cpu", "--group-sizes", "128",
-                                       "--calibration-samples", "32", "--eval-tokens", "4096",
-                                       "--decode-tokens", "16", "--repeats", "3", "--threads", "1"])]}),
+            {"cuda": [char_model("cpu", p14),
+                      ("benchmark.py", ["--checkpoint", p14, "--data", str(TEXT), "--group-sizes", "128",
+                                        "--calibration-samples", "32"])],
+             "cpu": [char_model("tiny", p14),
+                     ("benchmark.py", ["--checkpoint", p14, "--data", str(TEXT), "--preset", "cpu",
+                                       "--group-sizes", "16,32", "--calibration-samples", "32",
+                                       "--eval-tokens", "4096", "--decode-tokens", "16", "--repeats", "3",
+                                       "--threads", "1"])]}),
         Job("project15_kv_quantization",
             {"cuda": "KIVI KV cache int8/int4/int2: memory and fit at 124M, decode tok/s after 896 tokens",
              "cpu": "KIVI KV cache: perplexity through the cache (project 03's model), memory, decode"},
@@ -125,17 +133,14 @@ def plan() -> list[Job]:
             {"cuda": 150, "cpu": 200},
             {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", ["--preset", "cpu"])]}),
         Job("project16_qat",
-            {"cuda": "int4 QAT vs RTN/GPTQ: held-out perplexity of a cpu-preset checkpoint, 40 steps",
-             "cpu": "int4 QAT vs RTN/GPTQ plumbing on a tiny model; fake-quantisation step overhead"},
+            {"cuda": "int4 QAT vs RTN/GPTQ: held-out perplexity of project 01's cpu-preset char model",
+             "cpu": "int4 QAT vs RTN/GPTQ plumbing on a tiny char model; fake-quantisation step overhead"},
             {"cuda": 90, "cpu": 60},
-            {"cuda": [("project03_pretrain/train.py", ["--preset", "cpu", "--data", str(SHARDS),
-                                                       "--max-iters", "300", "--eval-interval", "300",
-                                                       "--eval-iters", "2", "--out", p16, new]),
-                      ("benchmark.py", ["--checkpoint", p16, "--data", str(SHARDS), "--steps", "40"])],
-             "cpu": [("project03_pretrain/train.py", ["--preset", "tiny", "--data", str(SHARDS), "--out", p16,
-                                                      new]),
-                     ("benchmark.py", ["--checkpoint", p16, "--data", str(SHARDS), "--preset", "tiny",
-                                       "--group-size", "32", "--steps", "10", "--eval-tokens", "8192",
+            {"cuda": [char_model("cpu", p16),
+                      ("benchmark.py", ["--checkpoint", p16, "--data", str(TEXT)])],
+             "cpu": [char_model("tiny", p16),
+                     ("benchmark.py", ["--checkpoint", p16, "--data", str(TEXT), "--preset", "tiny",
+                                       "--group-size", "16", "--steps", "10", "--eval-tokens", "8192",
                                        "--calibration-samples", "16", "--timing-repeats", "3"])]}),
         Job("project13_paged_attention",
             {"cuda": "paged KV blocks vs whole-context rows at one KV budget (16 contexts, 124M, 256 "

@@ -260,9 +260,10 @@ def test_benchmark_names_another_projects_checkpoint(project, tmp_path, capsys):
     """benchmark.py reads a run's training settings: another project's run is named, not misread."""
     if "--checkpoint" not in printed(load_project(project).benchmark, "--help"):
         pytest.skip("this project's benchmark reads no checkpoint")
-    # project 01's characters, which no later project reads (07 and 08 benchmark project 03's checkpoints)
-    other = "project01_minimal_gpt" if project.name != "project01_minimal_gpt" else "project03_pretrain"
-    meta = {"tokenizer": {"type": "tiktoken" if other == "project03_pretrain" else "char"}, "training": {}}
+    # project 02's own BPE, which no other project reads (07 and 08 benchmark project 03's checkpoints, and
+    # phase 5's benchmarks project 01's character model)
+    other = "project02_tokenizer" if project.name != "project02_tokenizer" else "project03_pretrain"
+    meta = {"tokenizer": {"type": "tiktoken" if other == "project03_pretrain" else "bpe"}, "training": {}}
     load_project(other).checkpoint.save_checkpoint(tmp_path / "other", tiny_gpt(other), meta)
     rc = run_main(
         load_project(project).benchmark, "--checkpoint", tmp_path / "other", "--out", tmp_path / "r"

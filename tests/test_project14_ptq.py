@@ -276,3 +276,60 @@ def test_benchmark_group_sizes_that_do_not_fit_are_refused_before_measuring(floa
     rc = run_main(P.benchmark, "--checkpoint", float_ckpt, "--preset", "tiny", "--group-sizes", "64",
                   "--device", "cpu", "--out", tmp_path)  # fmt: skip
     assert "--group-sizes" in assert_one_line_error(capsys, rc)
+
+
+# --- project 01's character model: the one whose weights are in its blocks ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tiny_runs):
+    return tiny_runs.checkpoint("project01_minimal_gpt")
+
+
+def test_project01_checkpoint_gives_project01s_logits(char_ckpt):
+    """Its tied, unpadded embedding is padded to this GPT's vocabulary; the model is otherwise the same."""
+    theirs, _ = load_project("project01_minimal_gpt").checkpoint.load_checkpoint(char_ckpt)
+    ours, _ = P.quantize.load_float_model(char_ckpt, None, "cpu")
+    ids = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size))
+    with torch.no_grad():
+        want, got = theirs(ids)[0], ours(ids)[0]
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_character_text_splits_as_project01_splits_it(char_ckpt, tiny_runs):
+    data = tiny_runs.data("project01_minimal_gpt")
+    p01 = load_project("project01_minimal_gpt").data
+    chars = P.checkpoint.read_config(char_ckpt)["tokenizer"]["chars"]
+    train, val = p01.train_val_split(torch.tensor(p01.CharTokenizer(chars).encode(p01.read_text(data))), 8)
+    assert P.quantize.token_split(data, "train", chars).tolist() == train.tolist()
+    assert P.quantize.token_split(data, "val", chars).tolist() == val.tolist()
+
+
+@pytest.fixture(scope="module")
+def char_gptq_ckpt(char_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("char") / "gptq"
+    assert run_main(P.quantize, "--checkpoint", char_ckpt, "--method", "gptq", "--group-size", 16,
+                    "--calibration-samples", 4, "--device", "cpu", "--out", out) == 0  # fmt: skip
+    return out
+
+
+def test_generate_from_a_quantized_character_model(char_gptq_ckpt):
+    model, config = P.quantize.load_quantized(char_gptq_ckpt)
+    assert isinstance(model.blocks[0].mlp.fc, Q.Int4Linear) and config["tokenizer"]["type"] == "char"
+    text = printed(P.generate, "--checkpoint", char_gptq_ckpt, "--prompt", "ROMEO:", "--max-new-tokens", 12,
+                   "--temperature", 0, "--device", "cpu")  # fmt: skip
+    chars = config["tokenizer"]["chars"]
+    ids = [chars.index(c) for c in "ROMEO:"]
+    assert text == "ROMEO:" + "".join(chars[i] for i in greedy_ids(model, ids, 12)) + "\n"
+
+
+def test_character_model_refuses_token_shards_and_unknown_characters(
+    char_ckpt, char_gptq_ckpt, tmp_path, capsys
+):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rc = run_main(P.quantize, "--checkpoint", char_ckpt, "--data", shards, "--group-size", 16,
+                  "--out", tmp_path / "q", "--device", "cpu")  # fmt: skip
+    assert "text file" in assert_one_line_error(capsys, rc)
+    rc = run_main(P.generate, "--checkpoint", char_gptq_ckpt, "--prompt", "ROMEO: \u00e9", "--device", "cpu")
+    assert "vocabulary" in assert_one_line_error(capsys, rc)

@@ -182,8 +182,45 @@ def test_init_from_refuses_a_quantized_checkpoint(qat_ckpt, tmp_path, capsys):
     assert "already quantized" in assert_one_line_error(capsys, rc)
 
 
-def test_benchmark_on_a_tiny_checkpoint(float_ckpt, tiny_runs, tmp_path):
-    flags = ["--checkpoint", float_ckpt, "--data", tiny_runs.data(PROJECT), "--preset", "tiny",
+# --- project 01's character model, the benchmark's default ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tiny_runs):
+    return tiny_runs.checkpoint("project01_minimal_gpt")
+
+
+def test_init_from_project01_starts_from_its_weights(char_ckpt):
+    theirs, config = load_project("project01_minimal_gpt").checkpoint.load_checkpoint(char_ckpt)
+    ours = P.model.GPT(P.model.GPTConfig(**config["model"])).eval()
+    P.train.init_weights(ours, char_ckpt)
+    ids = torch.randint(0, config["model"]["vocab_size"], (2, config["model"]["block_size"]))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], theirs(ids)[0], rtol=0, atol=1e-5)
+
+
+def test_qat_fine_tuning_of_a_character_model(char_ckpt, tiny_runs, tmp_path, capsys):
+    out, text = tmp_path / "run", tiny_runs.data("project01_minimal_gpt")
+    flags = ["--init-from", char_ckpt, "--qat", "int4", "--group-size", 16, "--max-iters", 2, "--data", text]
+    assert run_main(P.train, "--preset", "tiny", "--device", "cpu", *flags, "--out", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["tokenizer"] == json.loads((char_ckpt / "config.json").read_text())["tokenizer"]
+    chars = config["tokenizer"]["chars"]
+    model, _ = P.checkpoint.load_checkpoint(out)
+    sample = printed(P.generate, "--checkpoint", out, "--prompt", "ROMEO:", "--max-new-tokens", 8,
+                     "--temperature", 0, "--device", "cpu")  # fmt: skip
+    ids = [chars.index(c) for c in "ROMEO:"]
+    assert sample == "ROMEO:" + "".join(chars[i] for i in greedy_ids(model, ids, 8)) + "\n"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rc = run_main(P.train, "--preset", "tiny", "--init-from", char_ckpt, "--data", shards,
+                  "--out", tmp_path / "other")  # fmt: skip
+    assert "text file" in assert_one_line_error(capsys, rc)
+
+
+def test_benchmark_on_a_tiny_checkpoint(char_ckpt, tiny_runs, tmp_path):
+    text = tiny_runs.data("project01_minimal_gpt")
+    flags = ["--checkpoint", char_ckpt, "--data", text, "--preset", "tiny",
              "--group-size", 16, "--steps", 2, "--calibration-samples", 4, "--eval-tokens", 200,
              "--timing-repeats", 1, "--device", "cpu", "--out", tmp_path]  # fmt: skip
     assert run_main(P.benchmark, *flags) == 0

@@ -1,13 +1,15 @@
-"""Post-training quantization side by side. Quality on a trained checkpoint (project 03's by default):
-held-out perplexity, checkpoint size and weight memory of fp32, bf16, int8 RTN, int4 RTN and GPTQ in groups
-of 32, 64 and 128, int8 GPTQ, and LLM.int8() with and without its outlier decomposition. Speed at GPT-2
-124M's shape (random weights: a decode step costs the same whatever the values): decode tokens/s at batch 1
-per format, and on a GPU the Triton int4 kernel against the 16-bit matmul.
+"""Post-training quantization side by side. Quality on a trained checkpoint: held-out perplexity, checkpoint
+size and weight memory of fp32, bf16, int8 RTN, int4 RTN and GPTQ in groups of 32, 64 and 128, int8 GPTQ, and
+LLM.int8() with and without its outlier decomposition. By default the checkpoint is project 01's character
+model, whose weights are nearly all in the blocks that quantization touches (project 03's CPU model is 89%
+embedding, which stays in floating point). Speed at GPT-2 124M's shape (random weights: a decode step costs
+the same whatever the values): decode tokens/s at batch 1 per format, and on a GPU the Triton int4 kernel
+against the 16-bit matmul.
 
 Off CUDA only Triton's interpreter runs the kernel: the benchmark reports its error against dequantise-then-
 matmul, and the kernel's speed is "not measured".
 
-python benchmark.py --threads 1                      # project 03's checkpoint; speed at 124M's shape
+python benchmark.py --threads 1                      # project 01's checkpoint; speed at 124M's shape
 python benchmark.py --checkpoint data/models/mine --data input.txt --preset cpu
 """
 
@@ -43,7 +45,7 @@ from model import GPT  # noqa: E402
 from precision import DTYPES, check_dtype  # noqa: E402
 from quantization import block_linears, dequantize_int4, pack_int4, quantize_int4, quantize_model  # noqa: E402
 from quantize import (  # noqa: E402
-    PROJECT03,
+    PROJECT01,
     calibration_batch,
     layers_bytes,
     load_float_model,
@@ -144,16 +146,18 @@ def file_bytes(model: GPT) -> int:
 def quality_rows(args, device) -> tuple[list[dict], dict]:
     """Perplexity, KL divergence, layer error, checkpoint size and weight memory of every variant of the
     trained checkpoint."""
-    ckpt = args.checkpoint or PROJECT03
+    ckpt = args.checkpoint or PROJECT01
     if args.checkpoint is None and not checkpoint_exists(ckpt):
-        print(f"note: no checkpoint in {ckpt} (project 03's): quality is not measured", file=sys.stderr)
+        print(f"note: no checkpoint in {ckpt} (project 01's): quality is not measured", file=sys.stderr)
         return [row("perplexity", "fp32", None, "", note=f"no trained checkpoint in {ckpt}")], {}
     model, meta = load_float_model(ckpt, None, device)
     check_group_sizes(model.config, args.group_sizes, f"the checkpoint's {model.config.n_embd}")
     data = training_data(args.data, meta)
     T = model.config.block_size
-    x, y = windows(token_split(data, "val")[: args.eval_tokens], T)
-    calibration = calibration_batch(token_split(data, "train"), args.calibration_samples, T, 0).to(device)
+    chars = meta["tokenizer"].get("chars")  # NEW: project 01's character model
+    x, y = windows(token_split(data, "val", chars)[: args.eval_tokens], T)
+    train = token_split(data, "train", chars)
+    calibration = calibration_batch(train, args.calibration_samples, T, 0).to(device)
     names = [n for n, _ in block_linears(model)]
     inputs = layer_inputs(model, x[:8].to(device), names)  # held-out, not calibration, activations
     outliers = sum(int((a.abs() >= 6.0).any(dim=0).sum()) for a in inputs.values())
@@ -297,7 +301,7 @@ def group_sizes(text: str) -> list[int]:
 def parse_args(argv):
     p = ArgumentParser(description="Benchmark int8/int4 RTN, GPTQ and LLM.int8() against fp32 and bf16.")
     p.add_argument(
-        "--checkpoint", type=Path, default=None, help=f"a trained checkpoint (default: {PROJECT03.name}'s)"
+        "--checkpoint", type=Path, default=None, help=f"a trained checkpoint (default: {PROJECT01.name}'s)"
     )
     p.add_argument(
         "--data", type=Path, default=None, help="held-out and calibration data (default: the checkpoint's)"

@@ -108,7 +108,7 @@ def quality_rows(args) -> tuple[list[dict], dict]:
     check_format(KVFormat(2, args.kv_residual, args.kv_group_size), model.config)
     data = training_data(args.data, meta)
     T = model.config.block_size
-    ids = windows(token_split(data, "val")[: args.eval_tokens + 1], T)
+    ids = windows(token_split(data, "val", meta["tokenizer"].get("chars"))[: args.eval_tokens + 1], T)
     prompt_len = min(16, T // 8)
     prompts, new_tokens = ids[: args.prompts, :prompt_len], T - prompt_len  # generation fills the context
     base_loss = full_forward_loss(model, ids, args.batch_size)

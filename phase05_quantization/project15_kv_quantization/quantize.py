@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from checkpoint import (
     DEFAULT_DIR,
     MODELS_DIR,
+    find_checkpoint,
     load_checkpoint,
     load_weights,
     prepare_out,
@@ -36,13 +39,15 @@ from cli import (
     positive_float,
     positive_int,
 )
-from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file
+from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file, read_text
 from hf import load_gpt2
 from model import GPT, GPTConfig
 from quantization import BITS, DEFAULT_GROUP_SIZE, METHODS, block_linears, check_format, quantize_model
 from shards import list_shards, read_shard
+from tokenizer import GPT2Tokenizer
 
 PROJECT03 = MODELS_DIR / "project03_pretrain"
+PROJECT01 = MODELS_DIR / "project01_minimal_gpt"  # the benchmark's model: its weights are in its blocks
 
 
 def parse_args(argv):
@@ -94,22 +99,84 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
             "tokenizer": {"type": "tiktoken", "name": "gpt2"},
             "training": {"init_from": init_from},
         }
-    config = read_config(checkpoint, tokenizer="tiktoken")
+    config = read_config(checkpoint, tokenizer=tokenizer_kind(checkpoint))
     if "quantization" in config:
         raise UserError(f"{checkpoint} is already quantized ({config['quantization']['method']}); "
                         "quantize the checkpoint it was made from")  # fmt: skip
-    model, config = load_checkpoint(checkpoint, device)
+    if config["project"] == PROJECT01.name:
+        model = GPT(GPTConfig(**config["model"]))
+        load_project01_weights(model, checkpoint)
+        model = model.to(device).eval()
+    else:
+        model, config = load_checkpoint(checkpoint, device)
     return model, {"tokenizer": config["tokenizer"], "training": config["training"]}
 
 
-def token_split(data: Path, split: str) -> np.ndarray:
+def token_split(data: Path, split: str, chars: str | None = None) -> np.ndarray:
     """The "train" or "val" tokens of a folder of shards (prepare.py), or of a text file split 90/10 as
-    train.py splits it."""
+    train.py splits it; with `chars`, as project 01's character ids (project 01 splits the same way)."""
+    if data.is_dir() and chars:
+        raise UserError(
+            f"{data} holds GPT-2 token shards; a character model reads a text file: pass --data FILE"
+        )
     if data.is_dir():
         return np.concatenate([read_shard(f) for f in list_shards(data, split)])
-    tokens = encode_text_file(data)
+    tokens = encode_text(data, chars)
     n = int(len(tokens) * 0.9)
     return tokens[:n] if split == "train" else tokens[n:]
+
+
+# --- project 01's character model: nearly all of its weights are in the blocks that quantization touches ---
+
+
+class CharTokenizer:
+    """Project 01's tokenizer: one id per character of the model's training text."""
+
+    def __init__(self, chars: str):
+        self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.ids.keys())
+        if unknown:
+            raise UserError(
+                f"{''.join(unknown[:10])!r} not in the model's {len(self.chars)}-character vocabulary"
+            )
+        return [self.ids[c] for c in text]
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        return self.chars[token_id].encode()
+
+
+def encode_text(path: Path, chars: str | None) -> np.ndarray:
+    """A text file's token ids: GPT-2's, as train.py reads the file, or project 01's characters."""
+    if chars is None:
+        return encode_text_file(path)
+    return np.array(CharTokenizer(chars).encode(read_text(path)), dtype=np.uint16)
+
+
+def tokenizer_kind(ckpt_dir: Path) -> str:
+    """The tokenizer to require of a checkpoint: project 01's characters if it has them, else GPT-2's."""
+    return "char" if read_config(ckpt_dir)["tokenizer"].get("type") == "char" else "tiktoken"
+
+
+def tokenizer_for(spec: dict) -> GPT2Tokenizer | CharTokenizer:
+    """The tokenizer a checkpoint's config.json names."""
+    return CharTokenizer(spec["chars"]) if spec["type"] == "char" else GPT2Tokenizer()
+
+
+def load_project01_weights(model: GPT, ckpt_dir: Path) -> None:
+    """Project 01 keeps its tied embedding once, as lm_head, with one row per character; this GPT pads the
+    vocabulary to a multiple of 64 rows. The padding rows stay zero: their logits are sliced off before any
+    softmax. The rest of the model is the same (tested: the same logits)."""
+    path = find_checkpoint(ckpt_dir) / "model.safetensors"
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint {path.parent} is corrupt ({e})") from e
+    head = state.pop("lm_head.weight")  # (vocab_size, C)
+    padded = head.new_zeros(model.lm_head.weight.shape)  # (padded vocab, C)
+    padded[: len(head)] = head
+    model.load_state_dict({**state, "wte.weight": padded, "lm_head.weight": padded}, strict=True)
 
 
 def training_data(data: Path | None, meta: dict) -> Path:
@@ -165,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     if spec["method"] == "gptq":  # random windows of the training split
         data, T = training_data(args.data, meta), model.config.block_size
-        calibration = calibration_batch(token_split(data, "train"), args.calibration_samples, T, args.seed)
+        tokens = token_split(data, "train", meta["tokenizer"].get("chars"))
+        calibration = calibration_batch(tokens, args.calibration_samples, T, args.seed)
         spec["calibration"] = {"data": str(data), "samples": args.calibration_samples, "seed": args.seed}
         calibration = calibration.to(device)
     names = [name for name, _ in block_linears(model)]

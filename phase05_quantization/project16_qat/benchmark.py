@@ -1,10 +1,14 @@
-"""NEW: quantization-aware training against post-training quantization, on a trained checkpoint (project 03's
-by default). Held-out perplexity of the float model, of int4 round-to-nearest (RTN) and GPTQ (project 14),
-and of int4 QAT after N fine-tuning steps (train.py --init-from --qat int4, exported by round-to-nearest);
-to separate QAT's gain from the N extra steps, the float model is also fine-tuned N steps with the same
-flags and then quantized. Also: the time of a training step with and without fake quantisation.
+"""NEW: quantization-aware training against post-training quantization, on a trained checkpoint. Held-out
+perplexity of the float model, of int4 round-to-nearest (RTN) and GPTQ (project 14), and of int4 QAT after N
+fine-tuning steps (train.py --init-from --qat int4, exported by round-to-nearest); to separate QAT's gain
+from the N extra steps, the float model is also fine-tuned N steps with the same flags and then quantized.
+Also: the time of a training step with and without fake quantisation.
 
-python benchmark.py                                  # project 03's checkpoint, int4 g128, 40 steps
+The default checkpoint is project 01's character model: its weights are nearly all in the blocks, so int4
+costs it perplexity for QAT to recover. Project 03's CPU model is 89% embedding, which stays in floating
+point, and int4 barely touches it.
+
+python benchmark.py                                  # project 01's checkpoint, int4 g128, 100 steps
 python benchmark.py --checkpoint data/models/mine --data input.txt --preset tiny --steps 10
 """
 
@@ -24,7 +28,7 @@ from checkpoint import checkpoint_exists, load_checkpoint
 from cli import ArgumentParser, UserError, add_device_args, exits_cleanly, pick_device, positive_int
 from qat import QATLinear, convert_qat, fake_quantize, prepare_qat
 from quantization import DEFAULT_GROUP_SIZE, check_format, quantize_model
-from quantize import PROJECT03, calibration_batch, load_float_model, tensor_bytes, token_split, training_data
+from quantize import PROJECT01, calibration_batch, load_float_model, tensor_bytes, token_split, training_data
 from results import add_output_args, compare, print_table, row, time_it, write_report
 
 
@@ -63,9 +67,9 @@ def fine_tune(ckpt: Path, data: Path, args, out: Path, qat: bool) -> Path:
 
 
 def quality(args, device) -> tuple[list[dict], dict]:
-    ckpt = args.checkpoint or PROJECT03
+    ckpt = args.checkpoint or PROJECT01
     if not checkpoint_exists(ckpt):
-        raise UserError(f"no checkpoint in {ckpt}: train one first (project 03), or pass --checkpoint")
+        raise UserError(f"no checkpoint in {ckpt}: train one first (project 01), or pass --checkpoint")
     model, meta = load_float_model(ckpt, None, device)
     g = args.group_size
     try:
@@ -74,8 +78,10 @@ def quality(args, device) -> tuple[list[dict], dict]:
         raise UserError(f"--group-size: {e}") from e
     data = training_data(args.data, meta)
     T = model.config.block_size
-    x, y = windows(token_split(data, "val")[: args.eval_tokens], T)
-    calibration = calibration_batch(token_split(data, "train"), args.calibration_samples, T, 0).to(device)
+    chars = meta["tokenizer"].get("chars")
+    x, y = windows(token_split(data, "val", chars)[: args.eval_tokens], T)
+    train_tokens = token_split(data, "train", chars)
+    calibration = calibration_batch(train_tokens, args.calibration_samples, T, 0).to(device)
     losses = {}
     fp = f"int4 g{g}"
     losses["fp32"] = token_losses(model, x, y, device)
@@ -145,10 +151,10 @@ def recovery_rows(ppl: dict, losses: dict, fp: str, n: int) -> list[dict]:
 def step_time_rows(args, device) -> list[dict]:
     """A training step (forward, backward, AdamW) of one micro-batch of the train preset, with the blocks'
     Linears plain and fake-quantised, taking turns so that both meet the same (shared) machine."""
-    ckpt = args.checkpoint or PROJECT03
-    models = {"plain": load_checkpoint(ckpt, device)[0]}
+    ckpt = args.checkpoint or PROJECT01
+    models = {"plain": load_float_model(ckpt, None, device)[0]}
     qat = f"QAT int4 g{args.group_size}"
-    models[qat] = prepare_qat(load_checkpoint(ckpt, device)[0], "int4", args.group_size)
+    models[qat] = prepare_qat(load_float_model(ckpt, None, device)[0], "int4", args.group_size)
     _, tc = train.PRESETS[args.preset]
     T = models["plain"].config.block_size
     g = torch.Generator().manual_seed(0)
@@ -190,7 +196,7 @@ def fake_quant_row(model, device) -> dict:
 def parse_args(argv):
     p = ArgumentParser(description="Benchmark int4 QAT against int4 RTN and GPTQ (held-out perplexity).")
     p.add_argument(
-        "--checkpoint", type=Path, default=None, help=f"a trained checkpoint (default: {PROJECT03.name}'s)"
+        "--checkpoint", type=Path, default=None, help=f"a trained checkpoint (default: {PROJECT01.name}'s)"
     )
     p.add_argument(
         "--data", type=Path, default=None, help="held-out and training data (default: the checkpoint's)"
@@ -199,8 +205,8 @@ def parse_args(argv):
     p.add_argument(
         "--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE, help="int4 input features per scale"
     )
-    p.add_argument("--steps", type=positive_int, default=40, help="fine-tuning steps, float and QAT alike")
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (float and QAT)")
+    p.add_argument("--steps", type=positive_int, default=100, help="fine-tuning steps, float and QAT alike")
+    p.add_argument("--lr", type=float, default=3e-5, help="fine-tuning learning rate (float and QAT)")
     p.add_argument("--preset", choices=list(train.PRESETS), default="cpu", help="train.py's batch sizes")
     p.add_argument(
         "--calibration-samples", type=positive_int, default=128, help="GPTQ's calibration sequences"

@@ -51,10 +51,11 @@ def encode_text_file(path: Path) -> np.ndarray:
     return np.concatenate([tokenize(doc) for doc in split_documents(read_text(path))])
 
 
-def make_loaders(data: str | Path | None, batch_size: int, block_size: int, d):
+def make_loaders(data: str | Path | None, batch_size: int, block_size: int, d, encode=encode_text_file):
     """The training loader for this rank, a factory of fresh validation loaders (so every evaluation
     reads the same batches), and a description. `data`: a folder of shards from prepare.py (default:
-    data/wikitext), or a text file, tokenized here and split 90/10."""
+    data/wikitext), or a text file, tokenized here by `encode` (NEW: GPT-2's, or characters) and split
+    90/10."""
     path = Path(data) if data is not None else DEFAULT_SHARDS
     if path.is_dir() or data is None:
         if not path.is_dir():
@@ -68,7 +69,7 @@ def make_loaders(data: str | Path | None, batch_size: int, block_size: int, d):
 
         make_val()  # checks now that the validation shards are large enough, before any training
         return train, make_val, f"{len(train_files)} train + {len(val_files)} val shards in {path}"
-    tokens = encode_text_file(path)
+    tokens = encode(path)
     n = int(len(tokens) * 0.9)
     train = TokenLoader(tokens[:n], batch_size, block_size, d.rank, d.world_size)
 

@@ -31,7 +31,7 @@ from data import DATA_DIR
 from hf import load_gpt2
 from model import GPT
 from precision import DTYPES, check_dtype
-from quantize import is_quantized, load_quantized
+from quantize import is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from tokenizer import GPT2Tokenizer
 
 
@@ -113,13 +113,14 @@ def sample(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
+    tokenizer = GPT2Tokenizer()
     if args.init_from:  # GPT-2's own weights, converted from the Hugging Face format (hf.py)
         model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
     else:
         ckpt = args.checkpoint or default_checkpoint()
         load = load_quantized if is_quantized(ckpt) else load_checkpoint  # quantize.py's format too
-        model, _ = load(ckpt, device, tokenizer="tiktoken")
-    tokenizer = GPT2Tokenizer()
+        model, config = load(ckpt, device, tokenizer=tokenizer_kind(ckpt))  # project 01's characters too
+        tokenizer = tokenizer_for(config["tokenizer"])
     auto = torch.float16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else DTYPES[args.dtype]
     check_dtype(dtype, device)

@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ from precision import (
 )
 from qat import QAT_FORMATS, prepare_qat
 from quantization import DEFAULT_GROUP_SIZE
+from quantize import PROJECT01, encode_text, load_project01_weights, tokenizer_kind
 
 
 @dataclass
@@ -322,8 +324,8 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
         mc, tc = PRESETS[preset]
         data = args.data and str(args.data.resolve())
         meta = {"training": {"preset": preset, "data": data, "world_size": d.world_size}}
-        if args.init_from:  # NEW: the checkpoint's model, and by default the data it was trained on
-            mc, meta["training"] = init_config(args.init_from, meta["training"])
+        if args.init_from:  # NEW: the checkpoint's model and tokenizer, and by default its training data
+            mc, meta["training"], meta["tokenizer"] = init_config(args.init_from, meta["training"])
         mc = replace(override(mc, args, MODEL_FLAGS), flash=flash, triton=triton)
         meta["training"].update(qat_spec(args, mc))
         return preset, mc, override(tc, args, TRAIN_FLAGS), meta
@@ -359,15 +361,27 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
     return training["preset"], mc, tc, {k: saved[k] for k in ("tokenizer", "training")}
 
 
-def init_config(ckpt: Path, training: dict) -> tuple[GPTConfig, dict]:
-    """NEW: --init-from: the model config of a float checkpoint, and the run's metadata naming it."""
-    config = read_config(ckpt, tokenizer="tiktoken")
+def init_config(ckpt: Path, training: dict) -> tuple[GPTConfig, dict, dict]:
+    """NEW: --init-from: the model config and tokenizer of a float checkpoint (this lineage's, or project 01's
+    character model), and the run's metadata naming it."""
+    config = read_config(ckpt, tokenizer=tokenizer_kind(ckpt))
     if "quantization" in config:
         raise UserError(
             f"--init-from {ckpt} is already quantized; start from the float checkpoint it was made from"
         )
     data = training["data"] or config["training"].get("data")
-    return GPTConfig(**config["model"]), {**training, "data": data, "init_from": str(ckpt.resolve())}
+    if "chars" in config["tokenizer"] and (data is None or Path(data).is_dir()):
+        raise UserError(f"{ckpt} is a character model: pass --data with a text file (not token shards)")
+    mc, training = GPTConfig(**config["model"]), {**training, "data": data, "init_from": str(ckpt.resolve())}
+    return mc, training, config["tokenizer"]
+
+
+def init_weights(model: GPT, ckpt: Path) -> None:
+    """NEW: --init-from's weights: project 01's are laid out differently (see quantize.py)."""
+    if read_config(ckpt)["project"] == PROJECT01.name:
+        load_project01_weights(model, ckpt)
+    else:
+        load_weights(model, ckpt)
 
 
 def qat_spec(args, mc: GPTConfig) -> dict:
@@ -402,14 +416,15 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     note = check_precision(precision, device)
     set_matmul_precision(precision)
     data = meta["training"]["data"]
-    train_loader, make_val_loader, data_desc = make_loaders(data, tc.batch_size, mc.block_size, d)
+    encode = partial(encode_text, chars=meta.get("tokenizer", {}).get("chars"))  # NEW: or project 01's
+    train_loader, make_val_loader, data_desc = make_loaders(data, tc.batch_size, mc.block_size, d, encode)
     check_memory(step_memory(mc, tc), device, f"a micro-batch of {tc.batch_size} x {mc.block_size} tokens")
 
     seed_everything(tc.seed + d.rank)
     raw_model = GPT(mc).to(device, precision.weights)  # fp32 master weights, except in bf16-pure
     training = meta["training"]
     if "init_from" in training and not args.resume:  # NEW: fine-tuning starts from the trained weights
-        load_weights(raw_model, Path(training["init_from"]))
+        init_weights(raw_model, Path(training["init_from"]))
     if "qat" in training:  # NEW: the blocks' Linears compute with fake-quantised weights from here on
         prepare_qat(raw_model, training["qat"], training["group_size"])
     optimizer = make_optimizer(raw_model, tc, device)
@@ -420,7 +435,7 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     model = torch.compile(raw_model) if args.compile else raw_model  # fused kernels, less Python
     if d.enabled:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    meta["tokenizer"] = {"type": "tiktoken", "name": "gpt2"}
+    meta.setdefault("tokenizer", {"type": "tiktoken", "name": "gpt2"})  # NEW: --init-from's is kept
     meta["training"].update(train_config=asdict(tc), device=device.type)
     fpt, peak = flops_per_token(mc), peak_flops(device, args.peak_flops)
     if d.is_main:
