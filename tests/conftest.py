@@ -316,6 +316,26 @@ def tiny_gpt(project: Path | str, seed: int = 0, **config) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def float_ckpt(request, tiny_runs) -> Path:
+    """The tiny checkpoint of the test module's PROJECT (phase 5 quantizes and fine-tunes it)."""
+    return tiny_runs.checkpoint(request.module.PROJECT)
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tiny_runs) -> Path:
+    """Project 01's tiny character checkpoint: phase 5 measures quality on project 01's model."""
+    return tiny_runs.checkpoint("project01_minimal_gpt")
+
+
+def assert_gives_project01s_logits(model: torch.nn.Module, ckpt: Path) -> None:
+    """`model`, another project's GPT loaded from project 01's checkpoint, computes project 01's logits."""
+    theirs, _ = load_project("project01_minimal_gpt").checkpoint.load_checkpoint(ckpt)
+    ids = torch.randint(0, theirs.config.vocab_size, (2, theirs.config.block_size))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], theirs(ids)[0], rtol=0, atol=1e-5)
+
+
 def trained_char_gpt(project: Path | str, block_size: int = 256) -> torch.nn.Module:
     """A project's character-level GPT, trained 40 steps on make_corpus(100): its greedy text varies, where a
     random model soon repeats one token, and a long prompt plus 200 new tokens fit its context."""

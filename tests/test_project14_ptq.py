@@ -12,7 +12,15 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, greedy_ids, load_project, printed, read_report, run_main
+from conftest import (
+    assert_gives_project01s_logits,
+    assert_one_line_error,
+    greedy_ids,
+    load_project,
+    printed,
+    read_report,
+    run_main,
+)
 from safetensors.torch import load_file
 
 PROJECT = "project14_ptq"
@@ -168,11 +176,6 @@ def test_llm_int8_keeps_outlier_features_in_floating_point():
 
 
 @pytest.fixture(scope="module")
-def float_ckpt(tiny_runs):
-    return tiny_runs.checkpoint(PROJECT)
-
-
-@pytest.fixture(scope="module")
 def gptq_ckpt(float_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "gptq"
     flags = ["--method", "gptq", "--group-size", 16, "--calibration-samples", 8, "--device", "cpu"]
@@ -281,19 +284,9 @@ def test_benchmark_group_sizes_that_do_not_fit_are_refused_before_measuring(floa
 # --- project 01's character model: the one whose weights are in its blocks ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def char_ckpt(tiny_runs):
-    return tiny_runs.checkpoint("project01_minimal_gpt")
-
-
 def test_project01_checkpoint_gives_project01s_logits(char_ckpt):
     """Its tied, unpadded embedding is padded to this GPT's vocabulary; the model is otherwise the same."""
-    theirs, _ = load_project("project01_minimal_gpt").checkpoint.load_checkpoint(char_ckpt)
-    ours, _ = P.quantize.load_float_model(char_ckpt, None, "cpu")
-    ids = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size))
-    with torch.no_grad():
-        want, got = theirs(ids)[0], ours(ids)[0]
-    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert_gives_project01s_logits(P.quantize.load_float_model(char_ckpt, None, "cpu")[0], char_ckpt)
 
 
 def test_character_text_splits_as_project01_splits_it(char_ckpt, tiny_runs):

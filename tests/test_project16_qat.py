@@ -7,7 +7,16 @@ import json
 
 import pytest
 import torch
-from conftest import assert_one_line_error, greedy_ids, load_project, printed, read_report, run_main, tiny_gpt
+from conftest import (
+    assert_gives_project01s_logits,
+    assert_one_line_error,
+    greedy_ids,
+    load_project,
+    printed,
+    read_report,
+    run_main,
+    tiny_gpt,
+)
 from safetensors.torch import load_file
 
 PROJECT = "project16_qat"
@@ -111,11 +120,6 @@ def test_a_few_qat_steps_lower_the_quantized_models_loss():
 
 
 @pytest.fixture(scope="module")
-def float_ckpt(tiny_runs):
-    return tiny_runs.checkpoint(PROJECT)
-
-
-@pytest.fixture(scope="module")
 def qat_ckpt(float_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("qat") / "run"
     flags = ["--init-from", float_ckpt, "--qat", "int4", "--group-size", 16, "--max-iters", 3]
@@ -182,21 +186,14 @@ def test_init_from_refuses_a_quantized_checkpoint(qat_ckpt, tmp_path, capsys):
     assert "already quantized" in assert_one_line_error(capsys, rc)
 
 
-# --- project 01's character model, the benchmark's default ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def char_ckpt(tiny_runs):
-    return tiny_runs.checkpoint("project01_minimal_gpt")
+# --- project 01's character model, the benchmark's default --------------------------------------------------
 
 
 def test_init_from_project01_starts_from_its_weights(char_ckpt):
-    theirs, config = load_project("project01_minimal_gpt").checkpoint.load_checkpoint(char_ckpt)
-    ours = P.model.GPT(P.model.GPTConfig(**config["model"])).eval()
-    P.train.init_weights(ours, char_ckpt)
-    ids = torch.randint(0, config["model"]["vocab_size"], (2, config["model"]["block_size"]))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids)[0], theirs(ids)[0], rtol=0, atol=1e-5)
+    config = json.loads((char_ckpt / "config.json").read_text())["model"]
+    model = P.model.GPT(P.model.GPTConfig(**config)).eval()
+    P.train.init_weights(model, char_ckpt)
+    assert_gives_project01s_logits(model, char_ckpt)
 
 
 def test_qat_fine_tuning_of_a_character_model(char_ckpt, tiny_runs, tmp_path, capsys):
