@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -326,3 +327,48 @@ def test_character_model_refuses_token_shards_and_unknown_characters(
     assert "text file" in assert_one_line_error(capsys, rc)
     rc = run_main(P.generate, "--checkpoint", char_gptq_ckpt, "--prompt", "ROMEO: \u00e9", "--device", "cpu")
     assert "vocabulary" in assert_one_line_error(capsys, rc)
+
+
+def _edited_copy(ckpt, tmp_path, **changes):
+    """A copy of a checkpoint with config.json's entries changed: {"training.data": None, ...}."""
+    out = shutil.copytree(ckpt, tmp_path / "copy")
+    config = json.loads((out / "config.json").read_text())
+    for key, value in changes.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_character_model_trained_on_project01s_default_calibrates_on_it(
+    char_ckpt, tiny_runs, tmp_path, monkeypatch
+):
+    """Project 01 records no --data for its default, Tiny Shakespeare: GPTQ calibrates on that, not on this
+    lineage's default shards."""
+    ckpt = _edited_copy(char_ckpt, tmp_path, training__data=None)
+    monkeypatch.setattr(P.quantize, "TINY_SHAKESPEARE", tiny_runs.data("project01_minimal_gpt"))
+    out = tmp_path / "q"
+    assert run_main(P.quantize, "--checkpoint", ckpt, "--group-size", 16, "--calibration-samples", 4,
+                    "--device", "cpu", "--out", out) == 0  # fmt: skip
+    spec = json.loads((out / "config.json").read_text())["quantization"]
+    assert spec["calibration"]["data"] == str(tiny_runs.data("project01_minimal_gpt"))
+
+
+@pytest.mark.parametrize(
+    "change, says", [({"model__n_layer": 3}, "does not match"), ({"model__n_head": 5}, "cannot read")]
+)
+def test_a_character_checkpoint_that_contradicts_its_config_is_one_line(
+    char_ckpt, tmp_path, capsys, change, says
+):
+    ckpt = _edited_copy(char_ckpt, tmp_path, **change)
+    rc = run_main(P.quantize, "--checkpoint", ckpt, "--method", "int8", "--out", tmp_path / "q")
+    assert says in assert_one_line_error(capsys, rc)
+
+
+def test_characters_outside_the_vocabulary_name_the_file(char_ckpt, tmp_path, capsys):
+    text = tmp_path / "other.txt"
+    text.write_text("ROMEO: {#%}\n" * 200)
+    rc = run_main(P.quantize, "--checkpoint", char_ckpt, "--data", text, "--group-size", 16,
+                  "--out", tmp_path / "q", "--device", "cpu")  # fmt: skip
+    message = assert_one_line_error(capsys, rc)
+    assert str(text) in message and "'#'" in message

@@ -4,6 +4,7 @@ a few QAT steps lower the quantized model's loss, and train.py --qat -> quantize
 project 14's integer format, with the bad-input exits."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -227,3 +228,22 @@ def test_benchmark_on_a_tiny_checkpoint(char_ckpt, tiny_runs, tmp_path):
     assert value("perplexity", "int4 g16 RTN") > 0 and value("train_step_ms", "plain, 4 x 32 tokens") > 0
     assert value("weight_mib", "int4 g16 QAT, exported") < value("weight_mib", "fp32")
     assert 0 < value("fake_quant_ms", "forward + backward, the 8 block weights")
+
+
+def test_init_from_a_character_model_trained_on_project01s_default(
+    char_ckpt, tiny_runs, tmp_path, monkeypatch
+):
+    """Project 01 records no --data for Tiny Shakespeare: the fine-tuning reads that text file, and the run
+    records it, so that quantize.py's GPTQ calibrates on it too."""
+    ckpt = shutil.copytree(char_ckpt, tmp_path / "p01")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["training"]["data"] = None
+    (ckpt / "config.json").write_text(json.dumps(config))
+    text = tiny_runs.data("project01_minimal_gpt")
+    monkeypatch.setattr(P.quantize, "TINY_SHAKESPEARE", text)
+    out = tmp_path / "run"
+    flags = ["--init-from", ckpt, "--qat", "int4", "--group-size", 16, "--max-iters", 1]
+    assert run_main(P.train, "--preset", "tiny", "--device", "cpu", *flags, "--out", out) == 0
+    assert json.loads((out / "config.json").read_text())["training"]["data"] == str(text)
+    assert run_main(P.quantize, "--checkpoint", out, "--group-size", 16, "--calibration-samples", 4,
+                    "--device", "cpu", "--out", tmp_path / "gptq") == 0  # fmt: skip

@@ -154,7 +154,7 @@ def quality_rows(args, device) -> tuple[list[dict], dict]:
     check_group_sizes(model.config, args.group_sizes, f"the checkpoint's {model.config.n_embd}")
     data = training_data(args.data, meta)
     T = model.config.block_size
-    chars = meta["tokenizer"].get("chars")  # NEW: project 01's character model
+    chars = meta["tokenizer"].get("chars")  # project 01's character model
     x, y = windows(token_split(data, "val", chars)[: args.eval_tokens], T)
     train = token_split(data, "train", chars)
     calibration = calibration_batch(train, args.calibration_samples, T, 0).to(device)
@@ -187,7 +187,13 @@ def target_rows(rows: list[dict], ppl: dict, group_sizes: list[int]) -> list[dic
     closed = 100 * (rtn - gptq) / (rtn - base) if rtn > base else None
     size = {r["variant"]: r["value"] for r in rows if r["metric"] == "linear_weight_mib"}
     return [
-        row("gptq_gap_closed_pct", f"int4 g{g}: GPTQ vs RTN", closed, "%", note="RTN has no gap to close"),
+        row(
+            "gptq_gap_closed_pct",
+            f"int4 g{g}: GPTQ vs RTN",
+            closed,
+            "%",
+            note=None if closed is not None else "RTN has no gap to close",
+        ),  # fmt: skip
         row("ppl_increase_pct", "int8 RTN vs fp32", 100 * (ppl["int8 RTN"] / base - 1), "%"),
         row("linear_weights_smaller", f"int4 g{g} vs bf16", size["bf16"] / size[f"int4 RTN g{g}"], "x"),
     ]

@@ -10,6 +10,9 @@ python generate.py --checkpoint data/models/p14-int8  # generate.py reads the fo
 The checkpoint is a directory like train.py's: model.safetensors holds the integer tensors (int8, or int4
 packed two per byte as uint8), their fp16 scales and uint8 zero points, and every layer left in floating
 point; config.json records the format under "quantization".
+
+It also reads project 01's character model (--checkpoint data/models/project01_minimal_gpt), whose weights
+are nearly all in the blocks that quantization rounds: the model benchmark.py measures on.
 """
 
 from pathlib import Path
@@ -48,6 +51,7 @@ from tokenizer import GPT2Tokenizer
 
 PROJECT03 = MODELS_DIR / "project03_pretrain"
 PROJECT01 = MODELS_DIR / "project01_minimal_gpt"  # the benchmark's model: its weights are in its blocks
+TINY_SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"  # what project 01 trains on by default
 
 
 def parse_args(argv):
@@ -103,8 +107,13 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
     if "quantization" in config:
         raise UserError(f"{checkpoint} is already quantized ({config['quantization']['method']}); "
                         "quantize the checkpoint it was made from")  # fmt: skip
-    if config["project"] == PROJECT01.name:
-        model = GPT(GPTConfig(**config["model"]))
+    if config["project"] == PROJECT01.name:  # its layout (a QAT run of it is char too, in this lineage's)
+        try:
+            model = GPT(GPTConfig(**config["model"]))
+        except (TypeError, ValueError, AssertionError) as e:
+            raise UserError(
+                f"checkpoint {checkpoint} has a model config this project cannot read ({e})"
+            ) from e
         load_project01_weights(model, checkpoint)
         model = model.to(device).eval()
     else:
@@ -138,9 +147,8 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         unknown = sorted(set(text) - self.ids.keys())
         if unknown:
-            raise UserError(
-                f"{''.join(unknown[:10])!r} not in the model's {len(self.chars)}-character vocabulary"
-            )
+            shown = " ".join(repr(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise UserError(f"characters outside the model's {len(self.chars)}-character vocabulary: {shown}")
         return [self.ids[c] for c in text]
 
     def id_to_bytes(self, token_id: int) -> bytes:
@@ -151,15 +159,22 @@ def encode_text(path: Path, chars: str | None) -> np.ndarray:
     """A text file's token ids: GPT-2's, as train.py reads the file, or project 01's characters."""
     if chars is None:
         return encode_text_file(path)
-    return np.array(CharTokenizer(chars).encode(read_text(path)), dtype=np.uint16)
+    try:
+        return np.array(CharTokenizer(chars).encode(read_text(path)), dtype=np.uint16)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
 
 
 def tokenizer_kind(ckpt_dir: Path) -> str:
-    """The tokenizer to require of a checkpoint: project 01's characters if it has them, else GPT-2's."""
+    """The tokenizer to require of a checkpoint (read_config refuses any other, naming the project that wrote
+    it): project 01's characters if it has them, else GPT-2's."""
     return "char" if read_config(ckpt_dir)["tokenizer"].get("type") == "char" else "tiktoken"
 
 
-def tokenizer_for(spec: dict) -> GPT2Tokenizer | CharTokenizer:
+Tokenizer = GPT2Tokenizer | CharTokenizer  # what generate.py encodes prompts and decodes tokens with
+
+
+def tokenizer_for(spec: dict) -> Tokenizer:
     """The tokenizer a checkpoint's config.json names."""
     return CharTokenizer(spec["chars"]) if spec["type"] == "char" else GPT2Tokenizer()
 
@@ -171,21 +186,24 @@ def load_project01_weights(model: GPT, ckpt_dir: Path) -> None:
     path = find_checkpoint(ckpt_dir) / "model.safetensors"
     try:
         state = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint {path.parent} is corrupt ({e})") from e
-    head = state.pop("lm_head.weight")  # (vocab_size, C)
-    padded = head.new_zeros(model.lm_head.weight.shape)  # (padded vocab, C)
-    padded[: len(head)] = head
-    model.load_state_dict({**state, "wte.weight": padded, "lm_head.weight": padded}, strict=True)
+        head = state.pop("lm_head.weight")  # (vocab_size, C)
+        padded = head.new_zeros(model.lm_head.weight.shape)  # (padded vocab, C)
+        padded[: len(head)] = head
+        model.load_state_dict({**state, "wte.weight": padded, "lm_head.weight": padded}, strict=True)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path.parent} is corrupt or does not match its config ({reason})") from e
 
 
 def training_data(data: Path | None, meta: dict) -> Path:
-    """--data, else what the checkpoint was trained on (train.py records it; None means its default)."""
+    """--data, else what the checkpoint was trained on (train.py records it; None means its default: this
+    lineage's shards, or Tiny Shakespeare for project 01's character model)."""
     if data is not None:
         return data
-    if "init_from" in meta["training"]:
+    recorded = meta["training"].get("data")
+    if recorded is None and "preset" not in meta["training"]:  # GPT-2's weights: no train.py run recorded
         raise UserError("GPT-2's weights come without their training data: pass --data FILE for calibration")
-    data = Path(meta["training"].get("data") or DEFAULT_SHARDS)
+    data = Path(recorded or (TINY_SHAKESPEARE if meta["tokenizer"].get("type") == "char" else DEFAULT_SHARDS))
     if not data.exists():
         raise UserError(f"the checkpoint was trained on {data}, which is not here: pass --data FILE")
     return data

@@ -139,9 +139,9 @@ def recovery_rows(ppl: dict, losses: dict, fp: str, n: int) -> list[dict]:
     diff = losses[f"{fp} QAT {n} steps, exported (RTN)"] - losses[f"{fp} RTN of the fine-tuned fp32"]
     return [
         row("qat_recovered_pct", f"{fp}, vs fp32 fine-tuned {n} steps and its RTN", matched, "%",
-            note="RTN of the fine-tuned model has no degradation to recover"),
+            note=None if matched is not None else "RTN of the fine-tuned model has nothing to recover"),
         row("qat_recovered_pct", f"{fp}, vs the original fp32 and its RTN", literal, "%",
-            note="RTN has no degradation to recover"),
+            note=None if literal is not None else "RTN has no degradation to recover"),
         row("loss_diff_qat_minus_rtn", f"{fp}, fine-tuned {n} steps, mean", diff.mean().item(), "nats/token"),
         row("loss_diff_qat_minus_rtn", f"{fp}, fine-tuned {n} steps, standard error",
             (diff.std() / math.sqrt(diff.numel())).item(), "nats/token"),

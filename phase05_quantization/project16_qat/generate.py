@@ -31,7 +31,7 @@ from data import DATA_DIR
 from hf import load_gpt2
 from model import GPT
 from precision import DTYPES, check_dtype
-from quantize import is_quantized, load_quantized, tokenizer_for, tokenizer_kind
+from quantize import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from tokenizer import GPT2Tokenizer
 
 
@@ -78,9 +78,9 @@ def default_checkpoint() -> Path:
     return pretrained if not checkpoint_exists(DEFAULT_DIR) and checkpoint_exists(pretrained) else DEFAULT_DIR
 
 
-def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str, block_size: int, device) -> torch.Tensor:
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int, device) -> torch.Tensor:
     try:
-        ids = tokenizer.encode(prompt)  # byte-level: any valid text encodes
+        ids = tokenizer.encode(prompt)  # GPT-2's is byte-level: any valid text encodes (not characters)
     except UnicodeEncodeError as e:  # lone surrogates: what Python makes of undecodable bytes in argv
         raise UserError(f"the prompt is not valid Unicode text ({e.reason} at position {e.start})") from e
     if not ids:
@@ -90,7 +90,7 @@ def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str, block_size: int, device
     return torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
 
 
-def sample(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, stream) -> str:
+def sample(model: GPT, tokenizer: Tokenizer, idx: torch.Tensor, args, gen, stream) -> str:
     """One continuation of idx. With stream=True text is printed as soon as it forms whole characters."""
     # a token is a run of bytes, and one character's UTF-8 bytes may be split across tokens (an emoji
     # is 4 bytes, often 2-3 tokens). The incremental decoder holds an incomplete sequence back until the
@@ -113,9 +113,9 @@ def sample(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    tokenizer = GPT2Tokenizer()
     if args.init_from:  # GPT-2's own weights, converted from the Hugging Face format (hf.py)
         model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
+        tokenizer = GPT2Tokenizer()
     else:
         ckpt = args.checkpoint or default_checkpoint()
         load = load_quantized if is_quantized(ckpt) else load_checkpoint  # quantize.py's format too
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def interact(model: GPT, tokenizer: GPT2Tokenizer, args, gen) -> int:
+def interact(model: GPT, tokenizer: Tokenizer, args, gen) -> int:
     """A prompt loop: each line typed is continued; an empty line repeats the last prompt."""
     print("Type a prompt and press Enter (Ctrl-D or 'quit' to leave).", file=sys.stderr)
     last = "\n"

@@ -71,7 +71,7 @@ from precision import (
 )
 from qat import QAT_FORMATS, prepare_qat
 from quantization import DEFAULT_GROUP_SIZE
-from quantize import PROJECT01, encode_text, load_project01_weights, tokenizer_kind
+from quantize import PROJECT01, encode_text, load_project01_weights, tokenizer_kind, training_data
 
 
 @dataclass
@@ -262,7 +262,8 @@ def plot_losses(metrics: list[dict]) -> bytes:
 
 def parse_args(argv):
     p = ArgumentParser(
-        description="Pre-train this project's GPT-2 on GPT-2 tokens (one process or torchrun)."
+        description="Pre-train this project's GPT-2 on GPT-2 tokens (one process or torchrun), or fine-tune "
+        "a checkpoint with --init-from, quantization-aware with --qat."
     )
     p.add_argument(
         "--preset",
@@ -274,7 +275,8 @@ def parse_args(argv):
         "--data",
         type=Path,
         default=None,
-        help="a UTF-8 text file, or a folder of shards from prepare.py (default: data/wikitext)",
+        help="a UTF-8 text file, or a folder of shards from prepare.py (default: data/wikitext, or with "
+        "--init-from the checkpoint's data)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -296,7 +298,10 @@ def parse_args(argv):
     )
     p.add_argument("--peak-flops", type=positive_float, default=None, help="device peak FLOP/s for MFU")
     p.add_argument(  # NEW: fine-tune a trained checkpoint instead of training from scratch
-        "--init-from", type=Path, default=None, help="start from this checkpoint's model and weights"
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this checkpoint's model and weights (this lineage's, or project 01's characters)",
     )
     p.add_argument(  # NEW: quantization-aware training
         "--qat", choices=QAT_FORMATS, default=None, help="fake-quantise the blocks' weights (qat.py)"
@@ -323,7 +328,8 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
         preset = args.preset or DEFAULT_PRESET
         mc, tc = PRESETS[preset]
         data = args.data and str(args.data.resolve())
-        meta = {"training": {"preset": preset, "data": data, "world_size": d.world_size}}
+        meta = {"training": {"preset": preset, "data": data, "world_size": d.world_size},
+                "tokenizer": {"type": "tiktoken", "name": "gpt2"}}  # fmt: skip
         if args.init_from:  # NEW: the checkpoint's model and tokenizer, and by default its training data
             mc, meta["training"], meta["tokenizer"] = init_config(args.init_from, meta["training"])
         mc = replace(override(mc, args, MODEL_FLAGS), flash=flash, triton=triton)
@@ -370,14 +376,17 @@ def init_config(ckpt: Path, training: dict) -> tuple[GPTConfig, dict, dict]:
             f"--init-from {ckpt} is already quantized; start from the float checkpoint it was made from"
         )
     data = training["data"] or config["training"].get("data")
-    if "chars" in config["tokenizer"] and (data is None or Path(data).is_dir()):
-        raise UserError(f"{ckpt} is a character model: pass --data with a text file (not token shards)")
+    if "chars" in config["tokenizer"]:  # a text file, read as characters: by default project 01's own
+        data = str(training_data(data and Path(data), config))
+        if Path(data).is_dir():
+            raise UserError(f"{ckpt} is a character model: pass --data with a text file, not token shards")
     mc, training = GPTConfig(**config["model"]), {**training, "data": data, "init_from": str(ckpt.resolve())}
     return mc, training, config["tokenizer"]
 
 
 def init_weights(model: GPT, ckpt: Path) -> None:
-    """NEW: --init-from's weights: project 01's are laid out differently (see quantize.py)."""
+    """NEW: --init-from's weights: project 01's are laid out differently (see quantize.py); its tokenizer
+    alone does not tell, since a QAT run of it has characters in this lineage's layout."""
     if read_config(ckpt)["project"] == PROJECT01.name:
         load_project01_weights(model, ckpt)
     else:
@@ -416,7 +425,7 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     note = check_precision(precision, device)
     set_matmul_precision(precision)
     data = meta["training"]["data"]
-    encode = partial(encode_text, chars=meta.get("tokenizer", {}).get("chars"))  # NEW: or project 01's
+    encode = partial(encode_text, chars=meta["tokenizer"].get("chars"))  # NEW: or project 01's characters
     train_loader, make_val_loader, data_desc = make_loaders(data, tc.batch_size, mc.block_size, d, encode)
     check_memory(step_memory(mc, tc), device, f"a micro-batch of {tc.batch_size} x {mc.block_size} tokens")
 
@@ -435,7 +444,6 @@ def train(args, d: distributed.Dist, device: torch.device) -> int:
     model = torch.compile(raw_model) if args.compile else raw_model  # fused kernels, less Python
     if d.enabled:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    meta.setdefault("tokenizer", {"type": "tiktoken", "name": "gpt2"})  # NEW: --init-from's is kept
     meta["training"].update(train_config=asdict(tc), device=device.type)
     fpt, peak = flops_per_token(mc), peak_flops(device, args.peak_flops)
     if d.is_main:
