@@ -353,7 +353,10 @@ def test_benchmark_writes_vllms_serving_metrics(tmp_path):
     assert run_main(P.benchmark, "--preset", "tiny", "--device", "cpu", "--out", tmp_path) == 0
     rows = read_report(tmp_path, PROJECT)
     offline = rows[("output_throughput", "continuous batching, offline")]
-    assert offline["baseline"] == "static batching, offline" and offline["ratio"] > 1
+    assert offline["baseline"] == "static batching, offline" and offline["value"] > 0
+    # not timed (the speed lives in benchmark.py): the same work in fewer, fuller steps
+    steps = rows[("steps", "continuous batching, offline")]
+    assert steps["baseline"] == "static batching, offline" and steps["ratio"] < 1
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     online = {r["variant"] for r in report["rows"] if r["metric"] == "p99_ttft_ms"}
     assert len(online) == 2 * len(report["config"]["request_rates"])
