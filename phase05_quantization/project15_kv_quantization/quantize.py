@@ -107,7 +107,7 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
     if "quantization" in config:
         raise UserError(f"{checkpoint} is already quantized ({config['quantization']['method']}); "
                         "quantize the checkpoint it was made from")  # fmt: skip
-    if config["project"] == PROJECT01.name:  # its layout (a QAT run of it is char too, in this lineage's)
+    if config["project"] == PROJECT01.name:  # its layout (a QAT run of it keeps characters, not its layout)
         try:
             model = GPT(GPTConfig(**config["model"]))
         except (TypeError, ValueError, AssertionError) as e:
