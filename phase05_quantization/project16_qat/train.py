@@ -7,8 +7,8 @@ python train.py --precision fp16                 # fp16 autocast, our loss scale
 python prepare.py && python train.py             # WikiText-103 shards, GPT-2 124M, one GPU
 torchrun --standalone --nproc_per_node=8 train.py --compile   # 8 GPUs (see distributed.py)
 python train.py --resume                         # continue the run in --out exactly where it stopped
-python train.py --init-from data/models/project03_pretrain --preset cpu --qat int4 --group-size 128 \
-    --max-iters 60 --lr 3e-4 --out data/models/p16-qat  # QAT fine-tuning of project 03's checkpoint
+python train.py --init-from data/models/project01_minimal_gpt --preset cpu --qat int4 --group-size 128 \
+    --max-iters 100 --lr 3e-5 --out data/models/p16-qat  # QAT fine-tuning of project 01's character model
 python quantize.py --checkpoint data/models/p16-qat --method int4 --group-size 128 --out data/models/p16-int4
 """
 
