@@ -1,7 +1,8 @@
-"""Project 14's post-training quantization: the number formats' error bounds and packing, GPTQ against round-
-to-nearest on the same calibration data, LLM.int8()'s outlier decomposition, the Triton int4 kernel against
-dequantise-then-matmul (under TRITON_INTERPRET=1, which conftest.py sets), and quantize.py -> generate.py
-end to end, with its bad-input exits and a bit-exact checkpoint round trip."""
+"""Project 14's post-training quantization: the number formats' error bounds and packing, GPTQ against the
+slow column-by-column algorithm and against round-to-nearest on the same calibration data, LLM.int8()'s
+outlier decomposition, the Triton int4 kernel against dequantise-then-matmul (under TRITON_INTERPRET=1, which
+conftest.py sets), and quantize.py -> generate.py end to end, with its bad-input exits and a bit-exact
+checkpoint round trip."""
 
 import copy
 import json
@@ -88,6 +89,35 @@ def test_gptq_reconstructs_the_layer_better_than_rtn(bits, group_size):
         gptq, rtn = Q.dequantize_int8(*Q.gptq(w, H, 8)), Q.dequantize_int8(*Q.quantize_int8(w))
     for x in (X, held_out):
         assert (x @ (gptq - w).t()).norm() < 0.8 * (x @ (rtn - w).t()).norm()
+
+
+def _column_by_column_gptq(w, H, bits, group_size, damp=0.01):
+    """GPTQ the slow way, in float64, as the reference: no Cholesky factor and no lazy batches. After each
+    column is rounded, its error goes onto every later column at once (OBS's update), and the column leaves
+    the inverse Hessian of the columns still to round by one step of Gaussian elimination."""
+    W, K = w.double().clone(), w.size(1)
+    Hinv = torch.linalg.inv(H.double() + damp * H.diag().mean() * torch.eye(K, dtype=torch.float64))
+    g, (lo, hi) = group_size or K, (0, 15) if bits == 4 else (-127, 127)
+    q = torch.zeros_like(W)
+    for i in range(K):
+        if i % g == 0:  # a group's scale from its weights as updated so far
+            scale, zero = (t.double() for t in Q.scale_and_zero(W[:, i : i + g], bits))
+        q[:, i] = ((W[:, i] / scale).round() + zero).clamp(lo, hi)
+        err = (W[:, i] - (q[:, i] - zero) * scale) / Hinv[i, i]
+        W[:, i:] -= err[:, None] * Hinv[i, i:]
+        Hinv -= Hinv[:, i, None] * Hinv[None, i, :] / Hinv[i, i]
+    return q
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, None)])
+def test_gptq_gives_the_column_by_column_algorithms_integers(bits, group_size):
+    """The Cholesky form of the inverse Hessian and the lazy batch updates (blocks of 64 columns over 256,
+    so that errors cross block boundaries and groups start inside blocks) change the arithmetic, not the
+    result: every integer equals the slow algorithm's."""
+    w, X = _weights(N=16, K=256) * 0.05, _activations(0, K=256)
+    H = 2 * X.t() @ X / len(X)
+    got = Q.gptq(w, H, bits, group_size, block_size=64)[0]
+    assert torch.equal(got.double(), _column_by_column_gptq(w, H, bits, group_size))
 
 
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
