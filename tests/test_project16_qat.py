@@ -1,5 +1,6 @@
 """Project 16's quantization-aware training: the fake-quantised forward is project 14's quantise-dequantise
-bit for bit, the straight-through estimator passes gradients inside the grid's range and zeroes them outside,
+bit for bit, and it and the straight-through estimator equal PyTorch's fake_quantize_per_channel_affine;
+the estimator passes gradients inside the grid's range and zeroes them outside,
 a few QAT steps lower the quantized model's loss, and train.py --qat -> quantize.py -> generate.py gives
 project 14's integer format, with the bad-input exits."""
 
@@ -79,6 +80,25 @@ def test_ste_with_fixed_scales_zeroes_the_gradient_of_clipped_weights(bits, grou
     assert torch.equal(w.grad[~clipped], upstream[~clipped])
     top, bottom = (hi - z) * s, (lo - z) * s  # the grid's ends, (N,)
     assert torch.equal(out[:, 7], top) and torch.equal(out[:, 9], bottom) and torch.equal(out[:, 11], top)
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 128), (8, None)])
+def test_fake_quantize_and_its_ste_equal_pytorchs_fake_quantize_per_channel_affine(bits, group_size):
+    """PyTorch's own op as the reference: with a group's row as its "channel", the same scales and zero points
+    give the same forward values and the same straight-through gradients, clipped weights included (the
+    scales are fixed from w0 and the weights grown by 30%, so hundreds of them fall beyond the grid)."""
+    w0 = _weights()
+    scale, zero = P.qat.weight_qparams(w0, bits, group_size)  # (N, G, 1) each
+    lo, hi = (0, 15) if bits == 4 else (-127, 127)
+    upstream = torch.randn(w0.shape, generator=torch.Generator().manual_seed(1))
+    w, rows = (w0 * 1.3).requires_grad_(), (w0 * 1.3).view(-1, w0.size(1) // scale.size(1)).requires_grad_()
+    ours = P.qat.FakeQuantize.apply(w, scale, zero, bits)
+    ours.backward(upstream)
+    theirs = torch.fake_quantize_per_channel_affine(rows, scale.flatten(), zero.flatten().int(), 0, lo, hi)
+    theirs.backward(upstream.view(rows.shape))
+    assert torch.equal(ours.view(rows.shape), theirs)
+    assert torch.equal(w.grad.view(rows.shape), rows.grad)
+    assert (w.grad == 0).sum() > 100  # the clipping was exercised
 
 
 def test_prepare_qat_swaps_the_blocks_linears_and_keeps_their_parameters():
