@@ -266,7 +266,9 @@ def speed_rows(args, device, dtype) -> list[dict]:
 @torch.no_grad()
 def kernel_rows(device) -> list[dict]:
     """The Triton kernel against dequantise-then-matmul: its error (small shapes, any device), and on a GPU
-    its time against the 16-bit matmul at GPT-2 124M's four Linear shapes, batch 1."""
+    its time against the 16-bit matmul at batch 1, at GPT-2 124M's four Linear shapes and at Llama-2-7B's
+    three (gpt-fast's model), whose weights are large enough (32-86 MiB in fp16) for their bytes to set the
+    time rather than the launch."""
     g = torch.Generator().manual_seed(0)
     on = device if device.type == "cuda" else torch.device("cpu")
     w = torch.randn(96, 256, generator=g)
@@ -277,7 +279,7 @@ def kernel_rows(device) -> list[dict]:
     rows = [row("int4_kernel_max_abs_diff", KERNEL_CHECK, err, "")]
     if device.type != "cuda":
         return rows + [row("int4_kernel_us", "triton int4 matmul", None, "us", note="needs a CUDA GPU")]
-    for N, K in ((2304, 768), (768, 768), (3072, 768), (768, 3072)):  # qkv, proj, fc, mlp proj
+    for N, K in SHAPES_124M + SHAPES_7B:
         w = torch.randn(N, K, device=device, dtype=torch.float16)
         x = torch.randn(1, K, device=device, dtype=torch.float16)
         q, s, z = quantize_int4(w, 128)
@@ -291,6 +293,8 @@ def kernel_rows(device) -> list[dict]:
     return rows
 
 
+SHAPES_124M = ((2304, 768), (768, 768), (3072, 768), (768, 3072))  # (N, K): qkv, proj, fc, mlp proj
+SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
 KERNEL_CHECK = "triton vs dequantise-then-matmul, x (2, 256), W (96, 256), g64, fp32"
 
 
