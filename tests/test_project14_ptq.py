@@ -153,11 +153,14 @@ import kernels
 
 kernel = kernels._int4_matmul_kernel
 types = {"X": "*" + sys.argv[1], "W": "*u8", "S": "*fp16", "Z": "*u8", "Y": "*" + sys.argv[1]}
-constexprs = {"BLOCK_N": 64, "BLOCK_K": 64}
-signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
-consts = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
-source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
-print(triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared)
+shared = []
+for block_n in (16, 32, 64):  # every tile _block_n may choose
+    constexprs = {"BLOCK_N": block_n, "BLOCK_K": 64}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    consts = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+    shared.append(triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared)
+print(max(shared))
 """
 
 
