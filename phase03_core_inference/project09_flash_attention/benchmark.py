@@ -1,7 +1,7 @@
 """Our FlashAttention-2 kernels against explicit attention and PyTorch's scaled_dot_product_attention, side by
 side: forward and forward+backward TFLOP/s and peak memory across sequence lengths, causal and not, head dims
-64 and 128; then GPT-2 124M's training tokens/s with each attention at two context lengths. Plots of TFLOP/s
-and memory against the length.
+64 and 128; a decode step's attention (one query against the cache) in GB/s; then GPT-2 124M's training
+tokens/s with each attention at two context lengths. Plots of TFLOP/s and memory against the length.
 
 Off CUDA only Triton's interpreter runs the kernels: the benchmark then reports their error against the
 reference and the memory formula, and every speed is "not measured".
@@ -98,6 +98,33 @@ def kernel_rows(args, dtype, device) -> tuple[list[dict], dict]:
             rows += compare("attention_tflops", "TFLOP/s", {f"{n}, {label}": s for n, s in speed.items()})
             rows += compare("peak_memory_mib", "MiB", {f"{n}, {label}": m for n, m in memory.items()})
     return rows, curves
+
+
+def step_seconds(fn, q, k, v, device, calls: int, repeats: int) -> float:
+    """One decode step's attention time: `calls` of them are timed together, as one lasts about a launch."""
+    seconds, _ = time_it(lambda: [fn(q, k, v, False) for _ in range(calls)], device, 2, repeats)
+    return seconds / calls
+
+
+@torch.no_grad()
+def decode_rows(args, dtype, device) -> list[dict]:
+    """One decode step's attention: one query per sequence against a cache of T keys, at GPT-2 124M's 12
+    heads of 64, through our forward kernel (a single query, end-aligned, sees every key) and through SDPA. A
+    step reads the whole cache once and does little arithmetic, so its speed is the cache's bytes over its
+    time, in GB/s."""
+    rows = []
+    for B in (1, 16):
+        for T in args.lengths:
+            q = torch.randn(B, 12, 1, 64, device=device, dtype=dtype)
+            k, v = (torch.randn(B, 12, T, 64, device=device, dtype=dtype) for _ in range(2))
+            cache_gb = 2 * k.numel() * k.element_size() / 1e9
+            speed = {
+                f"{name}, decode, B={B}, T={T}": cache_gb
+                / step_seconds(IMPLEMENTATIONS[name], q, k, v, device, 20, args.repeats)
+                for name in ("sdpa", "triton")
+            }
+            rows += compare("decode_attention_gb_per_s", "GB/s", speed)
+    return rows
 
 
 class RandomTokens:
@@ -228,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         dtype = pick_dtype(args.dtype, device)
         kernel, curves = kernel_rows(args, dtype, device)
-        rows += kernel + ([] if args.no_train else end_to_end_rows(args, device))
+        rows += kernel + decode_rows(args, dtype, device)
+        rows += [] if args.no_train else end_to_end_rows(args, device)
         config["dtype"] = str(dtype).removeprefix("torch.")
     else:
         print(
             "note: only Triton's interpreter runs the kernels here: speeds are not measured", file=sys.stderr
         )
         rows.append(row("attention_tflops", "triton", None, "TFLOP/s", note="needs a CUDA GPU"))
+        rows.append(row("decode_attention_gb_per_s", "triton", None, "GB/s", note="needs a CUDA GPU"))
         curves = {}
     print_table(rows)
     path = write_report(args, "FlashAttention-2 in Triton", device, "gpt2", "gpt2", config, rows)
