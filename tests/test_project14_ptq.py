@@ -174,6 +174,15 @@ def test_kernel_compiles_for_an_h100_without_a_gpu(dtype):
     assert 0 <= int(result.stdout.split()[-1]) <= 227 * 1024  # shared memory per block on sm_90
 
 
+def test_kernel_tiles_leave_each_sm_two_programs_where_they_can(monkeypatch):
+    monkeypatch.setattr(P.kernels, "_sm_count", lambda index: 132)  # an H100/H200, without one
+    gpu, choose = torch.device("cuda", 0), P.kernels._block_n
+    assert choose(16, 4096, gpu) == 64  # 1,024 programs of 64
+    assert choose(1, 11008, gpu) == 32  # 172 of 64 are too few; 344 of 32 are enough
+    assert choose(1, 4096, gpu) == 16  # 256: the narrowest tile, though short of 264
+    assert choose(1, 4096, torch.device("cpu")) == 64  # the interpreter: no SMs to fill
+
+
 def test_int4_linear_gives_the_same_output_through_the_kernel(monkeypatch):
     linear = torch.nn.Linear(64, 40)
     q, scale, zero = Q.quantize_int4(linear.weight, 32)

@@ -30,6 +30,7 @@ if not torch.cuda.is_available():  # before Triton is imported: on a CPU its ker
 
 from safetensors.torch import save_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
 
 from checkpoint import checkpoint_exists  # noqa: E402
 from cli import (  # noqa: E402
@@ -268,7 +269,8 @@ def kernel_rows(device) -> list[dict]:
     """The Triton kernel against dequantise-then-matmul: its error (small shapes, any device), and on a GPU
     its time against the 16-bit matmul at batch 1, at GPT-2 124M's four Linear shapes and at Llama-2-7B's
     three (gpt-fast's model), whose weights are large enough (32-86 MiB in fp16) for their bytes to set the
-    time rather than the launch."""
+    time rather than the launch. do_bench times on the GPU (CUDA events) and empties the L2 cache before each
+    call, which would otherwise keep a small weight from one call to the next."""
     g = torch.Generator().manual_seed(0)
     on = device if device.type == "cuda" else torch.device("cpu")
     w = torch.randn(96, 256, generator=g)
@@ -284,12 +286,10 @@ def kernel_rows(device) -> list[dict]:
         x = torch.randn(1, K, device=device, dtype=torch.float16)
         q, s, z = quantize_int4(w, 128)
         packed = pack_int4(q)
-        fp16, _ = time_it(lambda: F.linear(x, w), device, warmup=5, repeats=50)  # noqa: B023
-        ours, _ = time_it(lambda: int4_matmul(x, packed, s, z), device, warmup=5, repeats=50)  # noqa: B023
-        rows.append(row("int4_kernel_us", f"fp16 matmul, ({N}, {K})", fp16 * 1e6, "us"))
-        rows.append(
-            row("int4_kernel_us", f"triton int4, ({N}, {K})", ours * 1e6, "us", ("fp16 matmul", fp16 * 1e6))
-        )
+        fp16 = do_bench(lambda: F.linear(x, w), return_mode="median") * 1e3  # noqa: B023  (ms -> us)
+        ours = do_bench(lambda: int4_matmul(x, packed, s, z), return_mode="median") * 1e3  # noqa: B023
+        rows.append(row("int4_kernel_us", f"fp16 matmul, ({N}, {K})", fp16, "us"))
+        rows.append(row("int4_kernel_us", f"triton int4, ({N}, {K})", ours, "us", ("fp16 matmul", fp16)))
     return rows
 
 

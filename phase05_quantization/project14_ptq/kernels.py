@@ -8,6 +8,8 @@ One program computes BLOCK_N outputs of one row of x, walking along K in steps o
 input features), all inside one group. Tested under TRITON_INTERPRET=1 against dequantise-then-matmul.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,13 +43,18 @@ def _int4_matmul_kernel(
 
 
 def _block_n(M: int, N: int, device: torch.device) -> int:
-    """The widest tile of outputs (64, 32 or 16) that still gives each of the GPU's SMs two programs. At batch
-    1 a (4096, 4096) product in tiles of 64 is 64 programs, half of an H100's 132 SMs, and a matrix-vector
-    product runs only as fast as its loads in flight. A rule of thumb, not tuned."""
+    """The widest tile of outputs, 64 or 32, that still gives each of the GPU's SMs two programs, else 16. At
+    batch 1 a (4096, 4096) product in tiles of 64 is 64 programs, half of an H100's 132 SMs, and a
+    matrix-vector product runs only as fast as its loads in flight. A rule of thumb, not tuned."""
     if device.type != "cuda":
         return 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return next((b for b in (64, 32) if M * triton.cdiv(N, b) >= 2 * sms), 16)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:  # asked once per GPU, not at every decode step's matmul
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def int4_matmul(
