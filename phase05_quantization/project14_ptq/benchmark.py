@@ -264,6 +264,10 @@ def speed_rows(args, device, dtype) -> list[dict]:
     return rows + compare("linear_weight_mib", "MiB", linear)
 
 
+SHAPES_124M = ((2304, 768), (768, 768), (3072, 768), (768, 3072))  # (N, K): qkv, proj, fc, mlp proj
+SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
+
+
 @torch.no_grad()
 def kernel_rows(device) -> list[dict]:
     """The Triton kernel against dequantise-then-matmul: its error (small shapes, any device), and on a GPU
@@ -293,8 +297,6 @@ def kernel_rows(device) -> list[dict]:
     return rows
 
 
-SHAPES_124M = ((2304, 768), (768, 768), (3072, 768), (768, 3072))  # (N, K): qkv, proj, fc, mlp proj
-SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
 KERNEL_CHECK = "triton vs dequantise-then-matmul, x (2, 256), W (96, 256), g64, fp32"
 
 
