@@ -3,9 +3,12 @@ log-sum-exp, decode-shaped queries, half precision), on the CPU through Triton's
 TRITON_INTERPRET=1), the model with its attention routed through them, the kernels compiled for an H100, and,
 where there is a GPU, the kernels on it in bf16 and fp16."""
 
+import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -171,6 +174,52 @@ def test_cached_generation_prefills_through_the_kernels(monkeypatch):
     cached = torch.cat(list(model.generate_stream(prompt, 20, temperature=0)), dim=1)
     assert torch.equal(cached, plain)
     assert shapes[:2] == [20, 20] and 32 in shapes  # the prefill in both layers; re-prefills past the context
+
+
+def test_benchmark_prefill_takes_the_keys_bf16_autocast_makes():
+    """benchmark.py times GPT-2's prefill under the GPU's bf16 autocast: the cache it sets up holds bf16
+    keys (a cache in the weights' fp32 would refuse them, and the GPU run would end with nothing written).
+    Run here on the CPU, whose autocast also makes bf16, with SDPA."""
+    mc, tc = P.train.PRESETS["tiny"]
+    mc = dataclasses.replace(mc, flash=True, triton=False)
+    tok_s, prefill_ms = P.benchmark.train_and_prefill(
+        mc, tc, P.precision.PRECISIONS["bf16"], SimpleNamespace(repeats=1), torch.device("cpu")
+    )
+    assert tok_s > 0 and prefill_ms > 0
+
+
+def test_benchmark_holds_sdpa_to_its_flash_backend_on_the_gpu(monkeypatch):
+    """The speed targets are against SDPA's FlashAttention-2 backend: on CUDA in 16 bits the benchmark's
+    SDPA runs under sdpa_kernel(FLASH_ATTENTION); elsewhere PyTorch chooses."""
+    chosen = []
+    pinned = lambda backend: chosen.append(backend) or contextlib.nullcontext()  # noqa: E731
+    monkeypatch.setattr(P.benchmark, "sdpa_kernel", pinned)
+    q = torch.randn(1, 2, 5, 16)
+    P.benchmark.sdpa(q, q, q, True)
+    assert chosen == []
+    cuda_like = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(P.benchmark.F, "scaled_dot_product_attention", lambda *a, **k: "ran")
+    assert P.benchmark.sdpa(cuda_like, q, q, True) == "ran"
+    assert chosen == [P.benchmark.SDPBackend.FLASH_ATTENTION]
+
+
+def test_benchmark_cut_short_writes_what_it_measured(monkeypatch):
+    """run_benchmarks.py stops a benchmark past its budget with Ctrl-C: on the GPU path the rows measured
+    until then are still written, the report says it was cut short, and the exit code is 130."""
+    B, written = P.benchmark, {}
+
+    def first_case_then_ctrl_c(args, dtype, device, rows, curves):
+        rows.append(B.row("attention_tflops", "sdpa, hs 64, causal, fwd, T=512", 100.0, "TFLOP/s"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(B, "pick_dtype", lambda name, device: torch.bfloat16)
+    monkeypatch.setattr(B, "correctness_rows", lambda device: [])
+    monkeypatch.setattr(B, "kernel_rows", first_case_then_ctrl_c)
+    monkeypatch.setattr(B, "write_report", lambda args, *a: written.update(config=a[-2], rows=a[-1]))
+    assert B.main(["--no-train"]) == 130
+    assert written["config"]["cut_short"] is True
+    assert [r["value"] for r in written["rows"]] == [100.0]
 
 
 def test_training_through_the_kernels_matches_sdpa(tiny_runs, tmp_path, monkeypatch):

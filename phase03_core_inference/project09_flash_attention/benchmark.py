@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if not torch.cuda.is_available():  # before Triton is imported: on a CPU its kernels run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -40,9 +41,19 @@ from precision import PRECISIONS, NoScaler, auto_precision  # noqa: E402
 from results import add_output_args, compare, print_table, row, time_it, write_report  # noqa: E402
 from train import PRESETS, make_optimizer, train_step  # noqa: E402
 
-IMPLEMENTATIONS = {
+
+def sdpa(q, k, v, causal: bool) -> torch.Tensor:
+    """PyTorch's fused attention, held to its FlashAttention-2 backend on a GPU in 16 bits: the issue's
+    yardstick. Left to choose, PyTorch may take cuDNN's or its memory-efficient kernel instead."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+IMPLEMENTATIONS = {  # the first is the baseline each row's ratio divides by: the targets are against SDPA
+    "sdpa": sdpa,
     "explicit": attention_reference,  # softmax(q k^T / sqrt(hs)) v, the (T, T) scores in memory
-    "sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     "triton": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),  # ours
 }
 TOKENS = 4 * 32 * 16384  # batch x heads x length per run at head dim 64: the Triton tutorial's largest shape
@@ -80,9 +91,9 @@ def time_attention(name: str, T: int, hs: int, causal: bool, backward: bool, dty
         return None, "out of memory"
 
 
-def kernel_rows(args, dtype, device) -> tuple[list[dict], dict]:
-    """TFLOP/s and peak memory of every implementation at every length, head dim, mask and pass."""
-    rows, curves = [], {}
+def kernel_rows(args, dtype, device, rows: list[dict], curves: dict) -> None:
+    """TFLOP/s and peak memory of every implementation at every length, head dim, mask and pass, appended
+    to rows (and curves) as each is measured, so that a run cut short keeps them."""
     cases = [(hs, causal, bwd) for hs in (64, 128) for causal in (True, False) for bwd in (False, True)]
     for hs, causal, bwd in tqdm(cases, desc="attention"):
         what = f"hs {hs}, {'causal' if causal else 'full'}, {'fwd+bwd' if bwd else 'fwd'}"
@@ -97,7 +108,6 @@ def kernel_rows(args, dtype, device) -> tuple[list[dict], dict]:
             label = f"{what}, T={T}"
             rows += compare("attention_tflops", "TFLOP/s", {f"{n}, {label}": s for n, s in speed.items()})
             rows += compare("peak_memory_mib", "MiB", {f"{n}, {label}": m for n, m in memory.items()})
-    return rows, curves
 
 
 def step_seconds(fn, q, k, v, device, calls: int, repeats: int) -> float:
@@ -107,12 +117,11 @@ def step_seconds(fn, q, k, v, device, calls: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def decode_rows(args, dtype, device) -> list[dict]:
+def decode_rows(args, dtype, device, rows: list[dict]) -> None:
     """One decode step's attention: one query per sequence against a cache of T keys, at GPT-2 124M's 12
     heads of 64, through our forward kernel (a single query, end-aligned, sees every key) and through SDPA. A
     step reads the whole cache once and does little arithmetic, so its speed is the cache's bytes over its
     time, in GB/s."""
-    rows = []
     for B in (1, 16):
         for T in args.lengths:
             q = torch.randn(B, 12, 1, 64, device=device, dtype=dtype)
@@ -124,7 +133,6 @@ def decode_rows(args, dtype, device) -> list[dict]:
                 for name in ("sdpa", "triton")
             }
             rows += compare("decode_attention_gb_per_s", "GB/s", speed)
-    return rows
 
 
 class RandomTokens:
@@ -157,7 +165,8 @@ def train_and_prefill(mc, tc, precision, args, device) -> tuple[float | None, fl
         train_s, _ = time_it(step, device, warmup=2, repeats=args.repeats)
     except torch.OutOfMemoryError:
         train_s = None
-    model.eval().setup_cache(1, mc.block_size)  # as project 08 times it: the prefill alone, cache in place
+    # as project 08 times it: the prefill alone, cache in place, holding the keys autocast makes
+    model.eval().setup_cache(1, mc.block_size, dtype=precision.compute)
     try:
         prefill_s, _ = time_it(prefill, device, warmup=2, repeats=args.repeats)
     except torch.OutOfMemoryError:
@@ -166,11 +175,11 @@ def train_and_prefill(mc, tc, precision, args, device) -> tuple[float | None, fl
     return tokens_per_s, prefill_s and prefill_s * 1e3
 
 
-def end_to_end_rows(args, device) -> list[dict]:
+def end_to_end_rows(args, device, rows: list[dict]) -> None:
     """GPT-2 124M's training tokens/s and prefill time with each attention, at its context and at 4x it
     (attention's share of a step grows with the length), the same 16,384 tokens a training step at both."""
     mc, tc = PRESETS["gpt2"]
-    precision, rows = PRECISIONS[auto_precision(device)], []
+    precision = PRECISIONS[auto_precision(device)]
     variants = {"explicit": (False, False), "sdpa": (True, False), "triton": (True, True)}  # (flash, triton)
     for block in (1024, 4096):
         tc_block = replace(tc, batch_size=16 * 1024 // block)
@@ -182,7 +191,6 @@ def end_to_end_rows(args, device) -> list[dict]:
         }
         rows += compare("train_tok_per_s", "tok/s", {n: r[0] for n, r in runs.items()})
         rows += compare("ttft_ms", "ms", {n: r[1] for n, r in runs.items()})
-    return rows
 
 
 @torch.no_grad()
@@ -251,20 +259,24 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("off the GPU the kernels need Triton's interpreter: run with TRITON_INTERPRET=1")
     rows = correctness_rows(device if device.type == "cuda" else torch.device("cpu"))
-    config = {"lengths": args.lengths, "tokens_per_run": TOKENS, "repeats": args.repeats}
+    config, curves = {"lengths": args.lengths, "tokens_per_run": TOKENS, "repeats": args.repeats}, {}
     if device.type == "cuda":
         dtype = pick_dtype(args.dtype, device)
-        kernel, curves = kernel_rows(args, dtype, device)
-        rows += kernel + decode_rows(args, dtype, device)
-        rows += [] if args.no_train else end_to_end_rows(args, device)
         config["dtype"] = str(dtype).removeprefix("torch.")
+        try:
+            kernel_rows(args, dtype, device, rows, curves)
+            decode_rows(args, dtype, device, rows)
+            if not args.no_train:
+                end_to_end_rows(args, device, rows)
+        except KeyboardInterrupt:  # Ctrl-C, or run_benchmarks.py's budget: keep what was measured
+            print("interrupted: writing the rows measured so far", file=sys.stderr)
+            config["cut_short"] = True
     else:
         print(
             "note: only Triton's interpreter runs the kernels here: speeds are not measured", file=sys.stderr
         )
         rows.append(row("attention_tflops", "triton", None, "TFLOP/s", note="needs a CUDA GPU"))
         rows.append(row("decode_attention_gb_per_s", "triton", None, "GB/s", note="needs a CUDA GPU"))
-        curves = {}
     print_table(rows)
     path = write_report(args, "FlashAttention-2 in Triton", device, "gpt2", "gpt2", config, rows)
     if curves:
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             png = path.with_name(f"{name}-{path.stem}.png")
             png.write_bytes(plot(curves, index, label))
             print(f"wrote {png}")
-    return 0
+    return 130 if config.get("cut_short") else 0
 
 
 if __name__ == "__main__":
