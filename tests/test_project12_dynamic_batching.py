@@ -153,6 +153,8 @@ def test_a_full_kv_budget_makes_requests_wait_not_fail(trained):
         Engine(trained, EngineConfig(kv_cache_mb=0.5 * row_mib))
     with pytest.raises(ValueError, match="below the context"):
         Engine(trained, EngineConfig(max_num_batched_tokens=100))
+    with pytest.raises(ValueError, match="does not fit in memory"):  # 10**9 rows: 122 TiB
+        Engine(trained, EngineConfig(max_num_seqs=10**9))
 
 
 def test_abort_frees_the_row_and_leaves_the_others_alone(trained):
@@ -227,7 +229,9 @@ def test_a_bad_request_is_a_value_error_and_the_others_go_on(trained, prompt, pa
         {"temperature": 1e-9},
         {"top_p": 0},
         {"top_k": 0},
+        {"top_k": 50.0},  # would fail inside a step shared with other requests
         {"seed": -1},
+        {"seed": 1.5},
         {"stop": ("",)},
         {"stop": "ab"},
     ],

@@ -331,6 +331,8 @@ def test_a_bad_request_is_a_value_error_and_the_others_go_on(trained, prompt, me
         engine.add_request(prompt, SamplingParams())
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):  # a float would fail inside a step the others share
+        SamplingParams(top_k=50.0)
     while engine.has_unfinished():
         tokens += [t for out in engine.step() for t in out.token_ids]
     assert tokens == alone(trained, ids(9, 60), 20, **GREEDY)
@@ -367,7 +369,13 @@ def test_interactive_turns_reuse_the_conversations_blocks(tiny_runs, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "flags,message", [(["--kv-mb", "0.001"], "holds no sequence"), (["--block-size", "0"], "--block-size")]
+    "flags,message",
+    [
+        (["--kv-mb", "0.001"], "holds no sequence"),
+        (["--kv-mb", "1e9"], "does not fit in memory"),  # a petabyte
+        (["--block-size", "0"], "--block-size"),
+        (["--block-size", "100000000"], "from 1 to the context"),
+    ],
 )
 def test_generate_bad_memory_flags_are_one_line_errors(tiny_runs, capsys, flags, message):
     rc = run_main(P.generate, "--checkpoint", tiny_runs.checkpoint(PROJECT), "--max-new-tokens", 2, *flags)

@@ -76,7 +76,12 @@ class Engine:
                     f"{row_bytes / 2**20:.2f} MiB ({self.context} positions)"
                 )
         self.max_num_seqs = rows
-        model.setup_cache(rows, self.context, w.dtype, w.device)
+        try:
+            model.setup_cache(rows, self.context, w.dtype, w.device)
+        except RuntimeError as e:  # more than the device holds (torch.OutOfMemoryError is a RuntimeError)
+            raise ValueError(
+                f"a KV cache of {rows * row_bytes / 2**20:,.0f} MiB does not fit in memory"
+            ) from e
         self.kv_caches = [block.attn.kv_cache for block in model.blocks]  # the pool, one per layer
         self.scheduler = Scheduler(rows, config.max_num_batched_tokens, self.context, config.static)
         self.sequences: dict[int, Sequence] = {}  # waiting and running, by request id

@@ -27,18 +27,24 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # these end it too, and are not part of the output
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _whole(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (self.temperature == 0 or 1e-3 <= self.temperature < float("inf")):
             raise ValueError(f"temperature must be 0 (greedy) or at least 0.001, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_k is not None and (not _whole(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer of at least 1, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+
+
+def _whole(value) -> bool:
+    """An int, not a bool or a float: top_k=50.0 would pass a range check and fail later, inside a step
+    that other requests share."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

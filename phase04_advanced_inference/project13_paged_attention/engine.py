@@ -63,8 +63,10 @@ class Engine:
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the context "
                 f"({self.context}): a long prompt could never run"
             )
-        if config.block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {config.block_size}")
+        if not 1 <= config.block_size <= self.context:
+            raise ValueError(
+                f"block_size must be from 1 to the context ({self.context}), got {config.block_size}"
+            )
         w = model.wte.weight
         c = model.config
         # NEW: keys and values of block_size positions in every layer
@@ -79,7 +81,12 @@ class Engine:
                     f"{per_sequence * self.block_bytes / 2**20:.2f} MiB ({self.context} positions)"
                 )
         self.max_num_seqs = config.max_num_seqs
-        self.kv_pools = model.setup_kv_pool(num_blocks, config.block_size, w.dtype, w.device)  # per layer
+        try:
+            self.kv_pools = model.setup_kv_pool(num_blocks, config.block_size, w.dtype, w.device)  # per layer
+        except RuntimeError as e:  # more than the device holds (torch.OutOfMemoryError is a RuntimeError)
+            raise ValueError(
+                f"a KV pool of {num_blocks * self.block_bytes / 2**20:,.0f} MiB does not fit in memory"
+            ) from e
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,

@@ -74,6 +74,7 @@ if triton is not None:
             pos = logical * L + t  # (L,): the positions it holds
             valid = pos < n
             block = tl.load(Tables + b * stride_tb + logical, mask=logical < max_blocks, other=0)
+            block = block.to(tl.int64)  # block * stride_kp passes int32 in a pool of over 2**31 numbers
             offs = block * stride_kp + h * stride_kh + t[:, None] * stride_kl + d[None, :]  # (L, HS)
             k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(tl.float32)
             s = tl.where(valid, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))  # (L,)
