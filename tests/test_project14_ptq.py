@@ -193,6 +193,18 @@ def test_int4_linear_gives_the_same_output_through_the_kernel(monkeypatch):
     torch.testing.assert_close(layer(x), plain, atol=1e-5, rtol=1e-5)
 
 
+def test_int8_layer_in_fp16_does_not_overflow_before_its_scale():
+    """x @ q^T before the per-channel scale reaches 4,096 x 1.0 x 127 = 520,192, past fp16's 65,504; the
+    scaled output (about 5,200) fits. In fp16 the layer scales the weights first, and matches fp32."""
+    q = torch.full((8, 4096), 127, dtype=torch.int8)
+    scales = torch.full((8,), 0.01, dtype=torch.float16)
+    layer = Q.Int8Linear(q, scales, None)
+    x = torch.ones(2, 4096)
+    y16 = layer(x.half())
+    assert torch.isfinite(y16).all()
+    torch.testing.assert_close(y16.float(), layer(x), rtol=2e-3, atol=0)
+
+
 def test_llm_int8_keeps_outlier_features_in_floating_point():
     """One input feature at 40 (an emergent outlier): the decomposition multiplies it in floating point, so
     the output stays as close to the float layer as int8 weights alone allow; without it, the outlier sets

@@ -148,13 +148,14 @@ def qat_ckpt(float_ckpt, tmp_path_factory):
     return out
 
 
-def test_qat_checkpoint_exports_to_project14s_integers(qat_ckpt, tmp_path):
+def test_qat_checkpoint_exports_to_project14s_integers(qat_ckpt, tmp_path, capsys):
     training = json.loads((qat_ckpt / "config.json").read_text())["training"]
     assert training["qat"] == "int4" and training["group_size"] == 16 and "init_from" in training
     latent = load_file(qat_ckpt / "model.safetensors")  # an ordinary float checkpoint
     out = tmp_path / "int4"
     assert run_main(P.quantize, "--checkpoint", qat_ckpt, "--method", "int4", "--group-size", 16,
                     "--out", out, "--device", "cpu") == 0  # fmt: skip
+    assert "QAT" not in capsys.readouterr().err  # its own format: no note
     tensors = load_file(out / "model.safetensors")
     for name in ("blocks.0.attn.qkv", "blocks.1.mlp.proj"):
         q, scale, zero = P14.quantization.quantize_int4(latent[f"{name}.weight"], 16)
@@ -202,7 +203,8 @@ def test_qat_run_resumes_only_in_its_format(qat_ckpt, capsys):
 def test_init_from_refuses_a_quantized_checkpoint(qat_ckpt, tmp_path, capsys):
     out = tmp_path / "int8"
     assert run_main(P.quantize, "--checkpoint", qat_ckpt, "--method", "int8", "--out", out) == 0
-    capsys.readouterr()
+    # another format than the one QAT trained for works, with a note naming the one it was trained for
+    assert "trained with QAT for --method int4 --group-size 16" in capsys.readouterr().err
     rc = run_main(P.train, "--preset", "tiny", "--init-from", out, "--out", tmp_path / "run")
     assert "already quantized" in assert_one_line_error(capsys, rc)
 

@@ -100,7 +100,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     """Weight-only int8 (gpt-fast's WeightOnlyInt8Linear): y = (x @ q^T) * s + b. The scale belongs to an
-    output channel, so it factors out of the matmul and multiplies the output instead of every weight."""
+    output channel, so it factors out of the matmul and multiplies the output instead of every weight. Not in
+    fp16: x @ q^T, with q up to 127, can pass fp16's largest number (65,504) before the scale shrinks it, so
+    there the weights are scaled first."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -109,7 +111,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)  # (N,) or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if x.dtype == torch.float16:
+            y = F.linear(x, self.weight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

@@ -15,6 +15,7 @@ It also reads project 01's character model (--checkpoint data/models/project01_m
 are nearly all in the blocks that quantization rounds: the model benchmark.py measures on.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,18 @@ def resolve_format(args) -> dict:
     group_size = (args.group_size or DEFAULT_GROUP_SIZE) if bits == 4 else None
     threshold = args.threshold if args.method == "int8-outlier" else None
     return {"method": args.method, "bits": bits, "group_size": group_size, "threshold": threshold}
+
+
+def qat_note(training: dict, spec: dict) -> str | None:
+    """NEW: a QAT run's weights learned to sit well on one grid, the format it was trained for; another
+    format (or GPTQ's re-rounding) still works but throws that training away: say so, as a note."""
+    if "qat" not in training or (spec["method"], spec["group_size"]) == (
+        training["qat"],
+        training["group_size"],
+    ):
+        return None
+    flags = f"--method {training['qat']}" + (f" --group-size {g}" if (g := training["group_size"]) else "")
+    return f"note: this checkpoint was trained with QAT for {flags}; other formats lose what QAT learned"
 
 
 def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[GPT, dict]:
@@ -243,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--out is the checkpoint being quantized; write the quantized one elsewhere")
     prepare_out(args.out, resume=False, overwrite=args.overwrite, resumable=False)
     model, meta = load_float_model(args.checkpoint, args.init_from, device)
+    if note := qat_note(meta["training"], spec):  # NEW
+        print(note, file=sys.stderr)
     try:
         check_format(model, spec["bits"], spec["group_size"])
     except ValueError as e:
