@@ -11,7 +11,8 @@ On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a
 which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
 times its Triton attention kernels against SDPA and explicit attention, project 10 times the first token
 with and without its prefix cache on a shared-prefix workload, project 11 trains a target and a draft and
-times speculative decoding, project 14 quantizes the 124M base every way and times decoding, project 03
+times speculative decoding, projects 14-16 quantize project 01's character model (trained once, for both
+14 and 16) and time decoding at 124M's shape, projects 12-13 serve a varied-length workload, project 03
 measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
 for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
 the weights; their quality figures then mean little, and the results' config says how many steps made them).
@@ -54,11 +55,20 @@ def plan() -> list[Job]:
     p01, p03, p04, p06 = (str(MODELS / name) for name in ("p01", "p03", "p04", "p06"))
     p11t, p11d = (str(MODELS / name) for name in ("p11_target", "p11_draft"))
     short = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "2"]
-    p14, p16 = str(MODELS / "p14"), str(MODELS / "p16")
     new, no_eval = "--overwrite", ["--eval-samples", "0"]
 
-    def char_model(preset: str, out: str) -> tuple[str, list[str]]:  # phase 5's testbed: project 01's model
-        return "project01_minimal_gpt/train.py", ["--preset", preset, "--data", str(TEXT), "--out", out, new]
+    def char_model(preset: str) -> tuple[str, list[str]]:  # phase 5's testbed: project 01's model
+        return "project01_minimal_gpt/train.py", [
+            "--preset",
+            preset,
+            "--data",
+            str(TEXT),
+            "--out",
+            chars,
+            new,
+        ]
+
+    chars = str(MODELS / "p01_chars")  # projects 14 and 16 read it; the first of them in a run trains it
 
     sft, prefs = ["--data", "instruction-data"], ["--data", "instruction-data-with-preference"]
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
@@ -111,11 +121,11 @@ def plan() -> list[Job]:
                      "kernel",
              "cpu": "int8/int4 RTN, GPTQ, LLM.int8() on a tiny char model; decode at the cpu preset's shape"},
             {"cuda": 90, "cpu": 50},
-            {"cuda": [char_model("cpu", p14),
-                      ("benchmark.py", ["--checkpoint", p14, "--data", str(TEXT), "--group-sizes", "128",
+            {"cuda": [char_model("cpu"),
+                      ("benchmark.py", ["--checkpoint", chars, "--data", str(TEXT), "--group-sizes", "128",
                                         "--calibration-samples", "32"])],
-             "cpu": [char_model("tiny", p14),
-                     ("benchmark.py", ["--checkpoint", p14, "--data", str(TEXT), "--preset", "cpu",
+             "cpu": [char_model("tiny"),
+                     ("benchmark.py", ["--checkpoint", chars, "--data", str(TEXT), "--preset", "cpu",
                                        "--group-sizes", "16,32", "--calibration-samples", "32",
                                        "--eval-tokens", "4096", "--decode-tokens", "16", "--repeats", "3",
                                        "--threads", "1"])]}),
@@ -136,10 +146,10 @@ def plan() -> list[Job]:
             {"cuda": "int4 QAT vs RTN/GPTQ: held-out perplexity of project 01's cpu-preset char model",
              "cpu": "int4 QAT vs RTN/GPTQ plumbing on a tiny char model; fake-quantisation step overhead"},
             {"cuda": 90, "cpu": 60},
-            {"cuda": [char_model("cpu", p16),
-                      ("benchmark.py", ["--checkpoint", p16, "--data", str(TEXT)])],
-             "cpu": [char_model("tiny", p16),
-                     ("benchmark.py", ["--checkpoint", p16, "--data", str(TEXT), "--preset", "tiny",
+            {"cuda": [char_model("cpu"),
+                      ("benchmark.py", ["--checkpoint", chars, "--data", str(TEXT)])],
+             "cpu": [char_model("tiny"),
+                     ("benchmark.py", ["--checkpoint", chars, "--data", str(TEXT), "--preset", "tiny",
                                        "--group-size", "16", "--steps", "10", "--eval-tokens", "8192",
                                        "--calibration-samples", "16", "--timing-repeats", "3"])]}),
         Job("project13_paged_attention",
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"error: --only: no project {', '.join(unknown)} in the plan", file=sys.stderr)
             return 2
-        jobs = [j for j in jobs if j.project in wanted]
+        jobs = [next(j for j in jobs if j.project == name) for name in dict.fromkeys(wanted)]  # in that order
     scale = args.budget / sum(j.seconds[args.device] for j in jobs)
     if args.list:
         for job in jobs:
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    started_at, failed = time.time(), False
+    started_at, failed, trained = time.time(), False, set()  # trained: --out of this run's finished trainings
     deadline, summary = time.monotonic() + args.budget, []
     for i, job in enumerate(jobs):
         left = deadline - time.monotonic()
@@ -310,10 +320,17 @@ def main(argv: list[str] | None = None) -> int:
             if remaining < 5:
                 codes.append("not run")
                 continue
+            made = step_args[step_args.index("--out") + 1] if script.endswith("train.py") else None
+            if made in trained:  # an earlier job trained this checkpoint already
+                codes.append("reused")
+                continue
             extra = [] if "--device" in step_args else ["--device", args.device]
             extra += out if script == "benchmark.py" else []
             codes.append(_run(folder, script, step_args + extra, remaining))
-        failed |= any(code not in (0, 130, "not run") for code in codes)  # 130: cut short by the budget
+            if codes[-1] == 0 and made:
+                trained.add(made)
+        codes = ["cut short" if code == 130 else code for code in codes]  # by the budget: what it wrote stays
+        failed |= any(code not in (0, "cut short", "not run", "reused") for code in codes)
         summary.append(f"{job.project}: exit codes {codes} in {time.monotonic() - started:.0f} s")
     print("\n" + "\n".join(summary))
     _print_table(args, started_at)

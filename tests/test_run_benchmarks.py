@@ -34,6 +34,34 @@ def test_list_prints_the_plan_without_running_anything(capsys):
     out = capsys.readouterr().out
     assert out.index("project03_pretrain") < out.index("project01_minimal_gpt")  # priority order
     assert runner.main(["--only", "project99_nothing", "--list"]) == 2
+    assert runner.main(["--only", "project09_flash_attention,project08_kv_cache", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("project09") < out.index("project08")  # --only's order is the priority
+
+
+def test_a_checkpoint_two_jobs_read_is_trained_once_and_a_cut_short_job_is_no_failure(
+    tmp_path, monkeypatch, capsys
+):
+    """Projects 14 and 16 read the same character model: the first job trains it, the second reuses it. A
+    benchmark stopped by the budget (exit 130) wrote what it measured: the run does not count it as failed."""
+    calls = []
+
+    def fake_run(folder, script, args, limit):
+        calls.append((folder.name, script))
+        return 130 if folder.name == "project16_qat" and script == "benchmark.py" else 0
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    monkeypatch.setattr(runner, "TEXT", tmp_path)  # the data checks pass: any path that exists
+    monkeypatch.setattr(runner, "SHARDS", tmp_path)
+    flags = ["--device", "cpu", "--only", "project16_qat,project14_ptq", "--out", str(tmp_path / "results")]
+    assert runner.main(flags) == 0
+    assert calls == [("project16_qat", "project01_minimal_gpt/train.py"), ("project16_qat", "benchmark.py"),
+                     ("project14_ptq", "benchmark.py")]  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        "project16_qat: exit codes [0, 'cut short']" in out
+        and "project14_ptq: exit codes ['reused', 0]" in out
+    )
 
 
 def test_mistakes_are_refused_before_anything_runs(tmp_path, capsys):
