@@ -381,3 +381,27 @@ def test_benchmark_writes_vllms_serving_metrics(tmp_path):
         assert keys <= {metric for metric, v in rows if v == variant}
         assert rows[("completed", variant)]["value"] == report["config"]["online_requests"]
     assert next(tmp_path.glob("*.png")).read_bytes().startswith(b"\x89PNG")
+
+
+def test_benchmark_cut_short_keeps_the_rates_measured(tmp_path, monkeypatch):
+    """run_benchmarks.py stops a benchmark past its budget with Ctrl-C: a Ctrl-C in the second request rate
+    (static batching done, continuous not) still writes the offline rows and the first rate, both variants,
+    marks the report cut short and exits 130."""
+    B, calls = P.benchmark, []
+    real_run = B.run
+
+    def run_then_ctrl_c(*args):
+        calls.append(args[-1])
+        if len(calls) == 7:  # warm-up, 2 offline, 2 at the first rate, static at the second, then this
+            raise KeyboardInterrupt
+        return real_run(*args)
+
+    monkeypatch.setattr(B, "run", run_then_ctrl_c)
+    assert run_main(B, "--preset", "tiny", "--device", "cpu", "--out", tmp_path) == 130
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert report["config"]["cut_short"] is True and len(report["config"]["request_rates"]) == 1
+    variants = {r["variant"] for r in report["rows"] if r["metric"] == "p99_ttft_ms"}
+    rate = report["config"]["request_rates"][0]
+    assert variants == {f"static batching, {rate:g} req/s", f"continuous batching, {rate:g} req/s"}
+    assert ("output_throughput", "continuous batching, offline") in read_report(tmp_path, PROJECT)
+    assert next(tmp_path.glob("*.png")).read_bytes().startswith(b"\x89PNG")

@@ -394,3 +394,24 @@ def test_benchmark_compares_paged_memory_with_the_contiguous_reservation(tmp_pat
     assert rows[("decode_attention_ms", "Triton paged kernel")]["value"] is None  # not measured off the GPU
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert report["config"]["budget_contexts"] == 3
+
+
+def test_benchmark_cut_short_keeps_the_finished_runs(tmp_path, monkeypatch):
+    """run_benchmarks.py stops a benchmark past its budget with Ctrl-C: a Ctrl-C in the paged run still
+    writes the contiguous run's rows, marks the report cut short and exits 130."""
+    B, calls = P.benchmark, []
+    real_serve = B.serve
+
+    def serve_then_ctrl_c(*args):
+        calls.append(args[-1])
+        if args[-1] == "paged":
+            raise KeyboardInterrupt
+        return real_serve(*args)
+
+    monkeypatch.setattr(B, "serve", serve_then_ctrl_c)
+    assert run_main(B, "--preset", "tiny", "--device", "cpu", "--out", tmp_path) == 130
+    assert calls == ["warm-up", "contiguous (project 12)", "paged"]
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert report["config"]["cut_short"] is True
+    assert {r["variant"] for r in report["rows"]} == {"contiguous (project 12)"}
+    assert read_report(tmp_path, PROJECT)[("max_running", "contiguous (project 12)")]["value"] == 3

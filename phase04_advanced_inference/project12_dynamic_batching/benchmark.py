@@ -27,6 +27,7 @@ import io
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -305,18 +306,24 @@ def main(argv: list[str] | None = None) -> int:
     capacity = offline["continuous"]["request_throughput"]
     rates = args.rates or [float(f"{f * capacity:.3g}") for f in w.rate_fractions]
     online_requests = make_requests(w, w.online_requests, config.vocab_size, args.seed + 2)
-    online = {"static batching": [], "continuous batching": []}
-    for rate in rates:
-        gaps = np.random.default_rng(args.seed).exponential(1 / rate, len(online_requests))
-        arrivals = [0.0, *np.cumsum(gaps[:-1]).tolist()]
-        for name in online:
-            trace = run(
-                model, online_requests, arrivals, w, name == "static batching", f"{name}, {rate} req/s"
+    online, cut_short = {"static batching": [], "continuous batching": []}, False
+    try:
+        for rate in rates:
+            gaps = np.random.default_rng(args.seed).exponential(1 / rate, len(online_requests))
+            arrivals = [0.0, *np.cumsum(gaps[:-1]).tolist()]
+            for name in online:
+                trace = run(
+                    model, online_requests, arrivals, w, name == "static batching", f"{name}, {rate} req/s"
+                )
+                online[name].append(serving_metrics(trace, online_requests))
+            rows += metric_rows(
+                online["static batching"][-1], online["continuous batching"][-1], f"{rate:g} req/s"
             )
-            online[name].append(serving_metrics(trace, online_requests))
-        rows += metric_rows(
-            online["static batching"][-1], online["continuous batching"][-1], f"{rate:g} req/s"
-        )
+    except KeyboardInterrupt:  # Ctrl-C, or run_benchmarks.py's budget: keep the rates measured in full
+        print("interrupted: writing the request rates measured so far", file=sys.stderr)
+        cut_short = True
+        rates = rates[: len(online["continuous batching"])]
+        online["static batching"] = online["static batching"][: len(rates)]
     print_table([r for r in rows if r["metric"] in TABLE])
     meta = {**vars(w), "request_rates": rates, "output_lengths": "log-uniform", "arrivals": "Poisson"}
     meta.update(
@@ -325,11 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(), weights="random")
     meta.update(max_num_batched_tokens=token_budget(w, config.block_size), sampling="greedy, no stop token")
     meta.update(seed=args.seed, mean_output_tokens=statistics.mean(n for _, n in requests))
+    meta.update(cut_short=cut_short)
     path = write_report(args, "Continuous batching", device, args.preset, DEFAULT_PRESET, meta, rows)
-    png = path.with_name(f"latency-{path.stem}.png")
-    png.write_bytes(plot(rates, online))
-    print(f"wrote {png}")
-    return 0
+    if rates:
+        png = path.with_name(f"latency-{path.stem}.png")
+        png.write_bytes(plot(rates, online))
+        print(f"wrote {png}")
+    return 130 if cut_short else 0
 
 
 TABLE = {

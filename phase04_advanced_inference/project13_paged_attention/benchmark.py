@@ -26,6 +26,7 @@ python benchmark.py --preset tiny               # seconds, for tests
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -188,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
           f"KV budget {budget_mib:.2f} MiB: {w.budget_contexts} contexts of {config.block_size}")  # fmt: skip
     serve(model, make_requests(w, 4, config.vocab_size, args.seed + 1), w, True, "warm-up")
 
-    names = ("contiguous (project 12)", "paged")
-    runs = {name: serve(model, requests, w, name == "paged", name) for name in names}
+    runs, decode, cut_short = {}, None, False
+    try:
+        for name in ("contiguous (project 12)", "paged"):
+            runs[name] = serve(model, requests, w, name == "paged", name)
+        decode = decode_attention_ms(model, w, max(runs["paged"].running), device)
+    except KeyboardInterrupt:  # Ctrl-C, or run_benchmarks.py's budget: keep the runs finished so far
+        print("interrupted: writing the runs finished so far", file=sys.stderr)
+        cut_short = True
     out_tokens = sum(n for _, n in requests)
     position_mib = config.n_layer * 2 * config.n_embd * dtype.itemsize / 2**20
     rows = []
@@ -204,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         ("steps", "steps", lambda r: len(r.running)),
         ("preemptions", "sequences", lambda r: r.preemptions),
     ]:
-        rows += compare(metric, unit, {name: value(r) for name, r in runs.items()})
-    same = sum(a == b for a, b in zip(*(r.tokens for r in runs.values()))) / len(requests)
-    rows.append(row("same_tokens", "contiguous vs paged", 100 * same, "% of requests"))
-    rows += compare(
-        "decode_attention_ms", "ms", decode_attention_ms(model, w, max(runs["paged"].running), device)
-    )
+        rows += compare(metric, unit, {name: value(r) for name, r in runs.items()}) if runs else []
+    if len(runs) == 2:
+        same = sum(a == b for a, b in zip(*(r.tokens for r in runs.values()))) / len(requests)
+        rows.append(row("same_tokens", "contiguous vs paged", 100 * same, "% of requests"))
+    if decode:
+        rows += compare("decode_attention_ms", "ms", decode)
     print_table(rows)
     meta = {
         **vars(w),
@@ -222,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(
         sampling="greedy, no stop token", seed=args.seed, mean_output_tokens=out_tokens / len(requests)
     )
+    meta.update(cut_short=cut_short)
     write_report(args, "Paged attention", device, args.preset, DEFAULT_PRESET, meta, rows)
-    return 0
+    return 130 if cut_short else 0
 
 
 if __name__ == "__main__":
