@@ -165,3 +165,19 @@ def test_benchmark_reports_both_paths_side_by_side(tiny_runs, tmp_path):
     assert rows[("same_greedy_tokens", "batched (left-padded) vs alone")]["value"] is True
     assert rows[("same_greedy_tokens", "HF generate vs kv cache, 16 new")]["value"] is True
     assert 0 <= rows[("max_abs_logit_diff", "kv cache vs no cache, every step")]["value"] < 1e-4
+
+
+def test_compiled_decoding_interrupted_keeps_the_eager_rows(trained, monkeypatch, capsys):
+    """On the GPU torch.compile takes the longest; a Ctrl-C there (run_benchmarks.py's budget) drops only the
+    compiled rows, not the eager ones measured before it, and leaves the model without its static cache."""
+
+    def compile_then_ctrl_c(fn, **kwargs):
+        def step(*args):
+            raise KeyboardInterrupt
+
+        return step
+
+    monkeypatch.setattr(P.benchmark.torch, "compile", compile_then_ctrl_c)
+    speeds = P.benchmark.compiled_decoding(trained, prompt_of(trained), [8], torch.device("cpu"), 1)
+    assert speeds == {} and "interrupted" in capsys.readouterr().err
+    assert all(block.attn.kv_cache is None for block in trained.blocks)

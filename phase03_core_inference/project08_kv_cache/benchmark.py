@@ -160,6 +160,9 @@ def compiled_decoding(model: GPT, prompt: torch.Tensor, lengths, device, repeats
             file=sys.stderr,
         )
         return {}
+    except KeyboardInterrupt:  # Ctrl-C or run_benchmarks.py's budget, mid-compile: keep the eager rows
+        print("interrupted: the compiled rows are not measured", file=sys.stderr)
+        return {}
     finally:
         model.clear_cache()
 
@@ -275,7 +278,9 @@ def speed_rows(model: GPT, context: int, lengths, no_cache_up_to: int, device, d
     speeds["kv cache + compile"] = {n: compiled.get(n) for n in lengths}
     why_not = {
         "no cache": f"not timed past --no-cache-up-to {no_cache_up_to}",
-        "kv cache + compile": "CUDA only (torch.compile with CUDA graphs)",
+        "kv cache + compile": "CUDA only (torch.compile with CUDA graphs)"
+        if device.type != "cuda"
+        else "torch.compile failed or was interrupted (see stderr)",
         "HF generate": "transformers is not installed",
     }
     rows = []
