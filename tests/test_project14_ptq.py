@@ -394,6 +394,17 @@ def _edited_copy(ckpt, tmp_path, **changes):
     return out
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"quantization__method": "int3"}, {"quantization__group_size": 24}, {"quantization__group_size": "16"}],
+)
+def test_a_hand_edited_quantization_config_is_one_line(gptq_ckpt, tmp_path, capsys, change):
+    """A config.json whose quantization entry names no format of this project: exit 2, one line."""
+    ckpt = _edited_copy(gptq_ckpt, tmp_path, **change)
+    rc = run_main(P.generate, "--checkpoint", ckpt, "--max-new-tokens", 2, "--device", "cpu")
+    assert "quantization config this project cannot read" in assert_one_line_error(capsys, rc)
+
+
 def test_a_character_model_trained_on_project01s_default_calibrates_on_it(
     char_ckpt, tiny_runs, tmp_path, monkeypatch
 ):

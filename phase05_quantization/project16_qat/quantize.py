@@ -291,9 +291,13 @@ def load_quantized(ckpt_dir: Path, device="cpu", tokenizer: str | None = None) -
     ones of the recorded format (holding placeholder values), then every tensor read from the file."""
     config = read_config(ckpt_dir, tokenizer)
     spec = config["quantization"]
-    model = GPT(GPTConfig(**config["model"]))
-    layout = {"gptq": "int4" if spec["bits"] == 4 else "int8"}.get(spec["method"], spec["method"])
-    quantize_model(model, layout, spec["group_size"], threshold=spec["threshold"])
+    try:  # a config.json edited by hand (or from another version) is one line, not a traceback
+        model = GPT(GPTConfig(**config["model"]))
+        layout = {"gptq": "int4" if spec["bits"] == 4 else "int8"}.get(spec["method"], spec["method"])
+        quantize_model(model, layout, spec["group_size"], threshold=spec["threshold"])
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise UserError(f"{ckpt_dir} has a quantization config this project cannot read ({why})") from e
     load_weights(model, ckpt_dir)
     return model.to(device).eval(), config
 
