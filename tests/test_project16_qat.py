@@ -252,6 +252,14 @@ def test_benchmark_on_a_tiny_checkpoint(char_ckpt, tiny_runs, tmp_path):
     assert 0 < value("fake_quant_ms", "forward + backward, the 8 block weights")
 
 
+@pytest.mark.parametrize("lr", ["0", "-1e-4", "nan"])
+def test_benchmark_refuses_a_bad_lr_before_any_work(lr, tmp_path, capsys):
+    """Checked where it is parsed, not by train.py after the PTQ rows have been measured."""
+    rc = run_main(P.benchmark, "--lr", lr, "--device", "cpu", "--out", tmp_path)
+    assert "--lr" in assert_one_line_error(capsys, rc)
+    assert not list(tmp_path.iterdir())
+
+
 def test_init_from_a_character_model_trained_on_project01s_default(
     char_ckpt, tiny_runs, tmp_path, monkeypatch
 ):

@@ -25,7 +25,15 @@ from tqdm import tqdm
 
 import train
 from checkpoint import checkpoint_exists, load_checkpoint
-from cli import ArgumentParser, UserError, add_device_args, exits_cleanly, pick_device, positive_int
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_device_args,
+    exits_cleanly,
+    pick_device,
+    positive_float,
+    positive_int,
+)
 from qat import QATLinear, convert_qat, fake_quantize, prepare_qat
 from quantization import DEFAULT_GROUP_SIZE, check_format, quantize_model
 from quantize import PROJECT01, calibration_batch, load_float_model, tensor_bytes, token_split, training_data
@@ -206,7 +214,7 @@ def parse_args(argv):
         "--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE, help="int4 input features per scale"
     )
     p.add_argument("--steps", type=positive_int, default=100, help="fine-tuning steps, float and QAT alike")
-    p.add_argument("--lr", type=float, default=3e-5, help="fine-tuning learning rate (float and QAT)")
+    p.add_argument("--lr", type=positive_float, default=3e-5, help="fine-tuning learning rate, float and QAT")
     p.add_argument("--preset", choices=list(train.PRESETS), default="cpu", help="train.py's batch sizes")
     p.add_argument(
         "--calibration-samples", type=positive_int, default=128, help="GPTQ's calibration sequences"
