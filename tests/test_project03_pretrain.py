@@ -130,6 +130,9 @@ def test_benchmark_writes_the_results_schema(tmp_path, capsys):
     assert rows[("train_tok_per_s", "fp32-explicit")]["value"] > 0
     assert rows[("mfu_percent", "fp32-sdpa")]["value"] is None  # no known peak FLOP/s for a CPU
     assert run_main(P.benchmark, "--variants", "fp64-magic") == 2
+    for bad in ("0", "-1e15", "nan"):  # no peak that gives a meaningful MFU
+        assert run_main(P.benchmark, "--peak-flops", bad) == 2
+        assert "--peak-flops" in capsys.readouterr().err
 
 
 def test_validation_never_counts_a_batch_twice():

@@ -19,6 +19,7 @@ from cli import (
     exits_cleanly,
     non_negative_int,
     pick_device,
+    positive_float,
     positive_int,
 )
 from distributed import Dist
@@ -86,7 +87,7 @@ def parse_args(argv):
     )
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed steps; the median is reported")
-    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU")
+    p.add_argument("--peak-flops", type=positive_float, default=None, help="device peak FLOP/s for MFU")
     add_device_args(p)
     add_output_args(p)
     return p.parse_args(argv)

@@ -22,7 +22,15 @@ from safetensors.torch import save_model
 from tqdm import tqdm
 
 from checkpoint import MODELS_DIR, checkpoint_exists, load_checkpoint
-from cli import ArgumentParser, add_device_args, exits_cleanly, pick_device, positive_int, sync
+from cli import (
+    ArgumentParser,
+    add_device_args,
+    exits_cleanly,
+    pick_device,
+    positive_float,
+    positive_int,
+    sync,
+)
 from data import make_loaders
 from distributed import Dist
 from model import GPT
@@ -157,7 +165,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=positive_int, default=2, help="first steps left out of the step time")
     p.add_argument("--gen-tokens", type=positive_int, default=64, help="tokens decoded per dtype")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed decodes; the median is reported")
-    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU")
+    p.add_argument("--peak-flops", type=positive_float, default=None, help="device peak FLOP/s for MFU")
     add_device_args(p, dtype=False)
     add_output_args(p)
     args = p.parse_args(argv)
