@@ -11,8 +11,9 @@ On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a
 which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
 times its Triton attention kernels against SDPA and explicit attention, project 10 times the first token
 with and without its prefix cache on a shared-prefix workload, project 11 trains a target and a draft and
-times speculative decoding, projects 14-16 quantize project 01's character model (trained once, for both
-14 and 16) and time decoding at 124M's shape, projects 12-13 serve a varied-length workload, project 03
+times speculative decoding, projects 14 and 16 quantize project 01's character model (trained once, for
+both) and project 14 times decoding at 124M's shape, project 15 quantizes the KV cache (at 124M's shape, with
+project 03's model for perplexity), projects 12-13 serve a varied-length workload, project 03
 measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
 for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
 the weights; their quality figures then mean little, and the results' config says how many steps made them).
@@ -57,18 +58,11 @@ def plan() -> list[Job]:
     short = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "2"]
     new, no_eval = "--overwrite", ["--eval-samples", "0"]
 
-    def char_model(preset: str) -> tuple[str, list[str]]:  # phase 5's testbed: project 01's model
-        return "project01_minimal_gpt/train.py", [
-            "--preset",
-            preset,
-            "--data",
-            str(TEXT),
-            "--out",
-            chars,
-            new,
-        ]
-
     chars = str(MODELS / "p01_chars")  # projects 14 and 16 read it; the first of them in a run trains it
+
+    def char_model(preset: str) -> tuple[str, list[str]]:  # phase 5's testbed: project 01's model
+        args = ["--preset", preset, "--data", str(TEXT), "--out", chars, new]
+        return "project01_minimal_gpt/train.py", args
 
     sft, prefs = ["--data", "instruction-data"], ["--data", "instruction-data-with-preference"]
     gpt2_base = ["--preset", "gpt2", "--data", str(SHARDS), "--max-iters", "10", "--eval-interval", "10",
@@ -301,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    started_at, failed, trained = time.time(), False, set()  # trained: --out of this run's finished trainings
+    started_at, failed, trained = time.time(), False, set()  # trained: this run's finished training steps
     deadline, summary = time.monotonic() + args.budget, []
     for i, job in enumerate(jobs):
         left = deadline - time.monotonic()
@@ -320,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             if remaining < 5:
                 codes.append("not run")
                 continue
-            made = step_args[step_args.index("--out") + 1] if script.endswith("train.py") else None
-            if made in trained:  # an earlier job trained this checkpoint already
+            made = (script, *step_args) if script.endswith("train.py") else None
+            if made in trained:  # an earlier job ran this very training step: its checkpoint is there
                 codes.append("reused")
                 continue
             extra = [] if "--device" in step_args else ["--device", args.device]

@@ -5,6 +5,7 @@ the cache holds 2 * n_layer * B * T * C * bytes; generate.py --no-cache prints w
 benchmark reports its rows. (Checkpoints, bad input and causal masking: test_contract.py; pinned outputs:
 test_golden.py.)"""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -167,17 +168,39 @@ def test_benchmark_reports_both_paths_side_by_side(tiny_runs, tmp_path):
     assert 0 <= rows[("max_abs_logit_diff", "kv cache vs no cache, every step")]["value"] < 1e-4
 
 
-def test_compiled_decoding_interrupted_keeps_the_eager_rows(trained, monkeypatch, capsys):
-    """On the GPU torch.compile takes the longest; a Ctrl-C there (run_benchmarks.py's budget) drops only the
-    compiled rows, not the eager ones measured before it, and leaves the model without its static cache."""
+def test_compiled_decoding_cut_short_keeps_what_it_timed(trained, monkeypatch):
+    """On the GPU compiling and timing the compiled step take the longest; a Ctrl-C there (run_benchmarks.py's
+    budget) reaches the caller after the lengths already timed, and the model is left without its cache."""
+    steps = []
 
     def compile_then_ctrl_c(fn, **kwargs):
-        def step(*args):
-            raise KeyboardInterrupt
+        def step(*args):  # the compiled step: fine for the warm-up and the first length, then Ctrl-C
+            steps.append(1)
+            if len(steps) > 2 + 7 + 7:  # run(3) makes 2 steps; length 8, an untimed and a timed run of 7
+                raise KeyboardInterrupt
+            return fn(*args)
 
         return step
 
     monkeypatch.setattr(P.benchmark.torch, "compile", compile_then_ctrl_c)
-    speeds = P.benchmark.compiled_decoding(trained, prompt_of(trained), [8], torch.device("cpu"), 1)
-    assert speeds == {} and "interrupted" in capsys.readouterr().err
+    timed = []
+    with pytest.raises(KeyboardInterrupt):
+        for n, tok_s in P.benchmark.compiled_decoding(
+            trained, prompt_of(trained), [8, 16], torch.device("cpu"), 1
+        ):
+            timed.append((n, tok_s > 0))
+    assert timed == [(8, True)]
     assert all(block.attn.kv_cache is None for block in trained.blocks)
+
+
+def test_benchmark_cut_short_writes_its_rows_and_exits_130(tmp_path, monkeypatch):
+    """speed_rows says a Ctrl-C cut it short: main writes those rows, marks the report, skips the identity
+    checks (the user asked to stop) and exits 130, which run_benchmarks.py shows as "cut short"."""
+    B = P.benchmark
+    timed = [B.row("decode_tok_per_s", "kv cache, 8 new", 100.0, "tok/s")]
+    monkeypatch.setattr(B, "speed_rows", lambda *args: (timed, True))
+    monkeypatch.setattr(B, "identity_rows", lambda *args: pytest.fail("ran after a Ctrl-C"))
+    flags = ["--preset", "tiny", "--lengths", "8", "--device", "cpu", "--out", tmp_path]
+    assert run_main(B, *flags) == 130
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert report["config"]["cut_short"] is True and [r["value"] for r in report["rows"]] == [100.0]

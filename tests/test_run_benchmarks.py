@@ -64,6 +64,26 @@ def test_a_checkpoint_two_jobs_read_is_trained_once_and_a_cut_short_job_is_no_fa
     )
 
 
+def test_a_training_step_is_reused_only_when_it_is_the_same_command(tmp_path, monkeypatch):
+    """The same --out trained with another preset is another model: the second job trains it again."""
+    calls, plan = [], runner.plan
+
+    def plan_with_another_preset():
+        jobs = plan()
+        p14 = next(j for j in jobs if j.project == "project14_ptq")
+        script, args = p14.steps["cpu"][0]
+        p14.steps["cpu"][0] = (script, [("cpu" if a == "tiny" else a) for a in args])
+        return jobs
+
+    monkeypatch.setattr(runner, "plan", plan_with_another_preset)
+    monkeypatch.setattr(runner, "_run", lambda folder, script, args, limit: calls.append(script) or 0)
+    monkeypatch.setattr(runner, "TEXT", tmp_path)
+    monkeypatch.setattr(runner, "SHARDS", tmp_path)
+    flags = ["--device", "cpu", "--only", "project16_qat,project14_ptq", "--out", str(tmp_path / "results")]
+    assert runner.main(flags) == 0
+    assert calls.count("project01_minimal_gpt/train.py") == 2
+
+
 def test_mistakes_are_refused_before_anything_runs(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("keep me")

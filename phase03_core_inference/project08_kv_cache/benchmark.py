@@ -136,10 +136,10 @@ def cache_memory(model: GPT, context: int, dtype, device) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def compiled_decoding(model: GPT, prompt: torch.Tensor, lengths, device, repeats: int) -> dict[int, float]:
-    """CUDA only: tokens/s with the decode step compiled, mode="reduce-overhead": CUDA graphs replay a step's
-    few hundred kernels as one launch, which at batch 1 is where eager time goes. One static cache for every
-    length (gpt-fast's way), so the step compiles once; the prefill runs eagerly."""
+def compiled_decoding(model: GPT, prompt: torch.Tensor, lengths, device, repeats: int):
+    """CUDA only: yields (length, tokens/s) with the decode step compiled, mode="reduce-overhead": CUDA graphs
+    replay a step's few hundred kernels as one launch, which at batch 1 is where eager time goes. One static
+    cache for every length (gpt-fast's way), so the step compiles once; the prefill runs eagerly."""
     T = prompt.size(1)
     model.setup_cache(1, T + max(lengths), device=device)
     step = torch.compile(model.next_token_logits, mode="reduce-overhead", fullgraph=True)
@@ -153,16 +153,13 @@ def compiled_decoding(model: GPT, prompt: torch.Tensor, lengths, device, repeats
 
     try:
         run(3)  # compiles, then records the graph
-        return {n: tok_per_s(run, n, device, repeats) for n in lengths}
+        for n in lengths:
+            yield n, tok_per_s(run, n, device, repeats)
     except Exception as e:  # a compiler failure should not cost the rows measured so far
         print(
             f"warning: torch.compile failed ({type(e).__name__}: {e}); its rows are not measured",
             file=sys.stderr,
         )
-        return {}
-    except KeyboardInterrupt:  # Ctrl-C or run_benchmarks.py's budget, mid-compile: keep the eager rows
-        print("interrupted: the compiled rows are not measured", file=sys.stderr)
-        return {}
     finally:
         model.clear_cache()
 
@@ -261,9 +258,10 @@ def checked_model(args, device) -> tuple[GPT | None, str]:
     return model.float(), f"{where}, float32"
 
 
-def speed_rows(model: GPT, context: int, lengths, no_cache_up_to: int, device, dtype, repeats) -> list[dict]:
+def speed_rows(model: GPT, context: int, lengths, no_cache_up_to: int, device, dtype, repeats):
     """decode_tok_per_s of every variant at every length, time to first token, the cache's memory (at the
-    preset's context) and, on CUDA, the bandwidth decoding reaches."""
+    preset's context) and, on CUDA, the bandwidth decoding reaches. Returns (rows, whether a Ctrl-C cut the
+    compiled runs short)."""
     prompt = random_ids(PROMPT_TOKENS, model.config.vocab_size, device)
     plain = functools.partial(decode, model, prompt, use_cache=False)
     cached = functools.partial(decode, model, prompt, use_cache=True)
@@ -274,7 +272,14 @@ def speed_rows(model: GPT, context: int, lengths, no_cache_up_to: int, device, d
         speeds["kv cache"][n] = tok_per_s(cached, n, device, repeats)
         hf_run = functools.partial(hf_generate, hf, prompt)
         speeds["HF generate"][n] = tok_per_s(hf_run, n, device, repeats) if hf else None
-    compiled = compiled_decoding(model, prompt, lengths, device, repeats) if device.type == "cuda" else {}
+    compiled, cut_short = {}, False
+    if device.type == "cuda":
+        try:  # compilation is the longest part on a GPU: a Ctrl-C there keeps what was measured
+            for n, tok_s in compiled_decoding(model, prompt, lengths, device, repeats):
+                compiled[n] = tok_s
+        except KeyboardInterrupt:
+            print("interrupted: the compiled lengths not yet timed are not measured", file=sys.stderr)
+            cut_short = True
     speeds["kv cache + compile"] = {n: compiled.get(n) for n in lengths}
     why_not = {
         "no cache": f"not timed past --no-cache-up-to {no_cache_up_to}",
@@ -298,9 +303,8 @@ def speed_rows(model: GPT, context: int, lengths, no_cache_up_to: int, device, d
         row("cache_memory_mib", f"KVCache buffers, T = {context}", measured / 2**20, "MiB"),
     ]
     n = max(lengths)
-    return rows + bandwidth_rows(
-        model, {v: speeds[v][n] for v in ("kv cache", "kv cache + compile")}, n, device
-    )
+    rows += bandwidth_rows(model, {v: speeds[v][n] for v in ("kv cache", "kv cache + compile")}, n, device)
+    return rows, cut_short
 
 
 def identity_rows(model: GPT, source: str, device) -> list[dict]:
@@ -347,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = GPT(speed_config).to(device, dtype).eval()
     print(f"decoding {lengths} new tokens, {args.preset} preset's shape, {device.type}", file=sys.stderr)
-    rows = speed_rows(model, mc.block_size, lengths, no_cache_up_to, device, dtype, repeats)
-    rows += identity_rows(checked or model.float(), source, device)
+    rows, cut_short = speed_rows(model, mc.block_size, lengths, no_cache_up_to, device, dtype, repeats)
+    if not cut_short:  # a Ctrl-C asked to stop: write what was timed, skip the checks
+        rows += identity_rows(checked or model.float(), source, device)
     print_table(rows)
     config = {
         **vars(speed_config),
@@ -361,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         "no_cache_up_to": no_cache_up_to,
         "repeats": repeats,
         "checked_on": source,
+        "cut_short": cut_short,
     }
     write_report(args, "KV cache", device, args.preset, DEFAULT_PRESET, config, rows)
-    return 0
+    return 130 if cut_short else 0
 
 
 if __name__ == "__main__":

@@ -104,10 +104,11 @@ def kernel_rows(args, dtype, device, rows: list[dict], curves: dict) -> None:
                 seconds, peak = time_attention(name, T, hs, causal, bwd, dtype, device, args.repeats)
                 speed[name] = seconds and flops(B, H, T, hs, causal, bwd) / seconds / 1e12
                 memory[name] = peak if seconds else None
-                curves.setdefault((what, name), []).append((T, speed[name], memory[name]))
             label = f"{what}, T={T}"
             rows += compare("attention_tflops", "TFLOP/s", {f"{n}, {label}": s for n, s in speed.items()})
             rows += compare("peak_memory_mib", "MiB", {f"{n}, {label}": m for n, m in memory.items()})
+            for name in IMPLEMENTATIONS:  # after the rows: a plot never shows a point the JSON lacks
+                curves.setdefault((what, name), []).append((T, speed[name], memory[name]))
 
 
 def step_seconds(fn, q, k, v, device, calls: int, repeats: int) -> float:
