@@ -157,7 +157,7 @@ def compiled_decoding(model: GPT, prompt: torch.Tensor, lengths, device, repeats
             yield n, tok_per_s(run, n, device, repeats)
     except Exception as e:  # a compiler failure should not cost the rows measured so far
         print(
-            f"warning: torch.compile failed ({type(e).__name__}: {e}); its rows are not measured",
+            f"warning: torch.compile failed ({type(e).__name__}: {e}); lengths not yet timed: not measured",
             file=sys.stderr,
         )
     finally:
