@@ -1,19 +1,13 @@
-"""Project 03's training: data-parallel training on two CPU processes equals one process with the same global
-batch, gradient accumulation equals a larger batch, the FLOPs count behind MFU, GPT-2 weights through
---init-from (greedy text as transformers generates it), GPT-2's tokenizer from local files, and the
-benchmark's output. (HF interop: test_project03_hf.py; shards and prepare.py: test_project03_data.py; exact
-resume, checkpoints and bad input: test_contract.py.)"""
-
-import json
-import os
-import shutil
-import subprocess
-import sys
+"""Project 03's training: gradient accumulation equals a larger batch, the FLOPs count behind MFU, GPT-2
+weights through --init-from (greedy text as transformers generates it), GPT-2's tokenizer from local files,
+and the benchmark's output. Elsewhere: HF interop in test_project03_hf.py; shards and prepare.py in
+test_project03_data.py; exact resume, checkpoints and bad input in test_contract.py; DDP against one process
+in test_training_line.py."""
 
 import pytest
 import torch
 import transformers
-from conftest import load_project, make_corpus, perturb_, read_report, run_main, train_tiny
+from conftest import load_project, make_corpus, perturb_, read_report, run_main
 
 P = load_project("project03_pretrain")
 TINY = P.model.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -22,24 +16,6 @@ TINY = P.model.GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n
 def weights(ckpt):
     model, _ = P.checkpoint.load_checkpoint(ckpt)
     return model.state_dict()
-
-
-def test_two_processes_with_ddp_equal_one_process(corpus_file, tiktoken_cache, tmp_path):
-    """512 tokens a step: 4 micro-batches of 4 x 32 in one process, or 2 in each of two gloo processes
-    (torchrun), so DDP's no_sync path runs too. Same data, same averaged gradient, so the same weights."""
-    flags = ["--preset", "tiny", "--data", str(corpus_file), "--max-iters", "4", "--eval-interval", "4",
-             "--eval-iters", "1", "--device", "cpu", "--total-batch-tokens", "512"]  # fmt: skip
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tiktoken_cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(P.train.__file__), *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["training"]["world_size"] == 2
-    assert run_main(P.train, *flags, "--out", tmp_path / "single") == 0
-    ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
-    for name in single:
-        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(single["wpe.weight"], P.model.GPT(TINY).wpe.weight)  # it did train
 
 
 def test_gradient_accumulation_equals_a_larger_batch():
@@ -151,15 +127,6 @@ def test_validation_never_counts_a_batch_twice():
     with torch.no_grad():
         expected = sum(model(*loader.next_batch())[1].item() for _ in range(3)) / 3
     assert got == pytest.approx(expected, rel=1e-6)
-
-
-def test_resume_needs_the_same_number_of_processes(tiny_runs, tmp_path, capsys):
-    ckpt = shutil.copytree(tiny_runs.checkpoint("project03_pretrain"), tmp_path / "ck")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["training"]["world_size"] = 2  # as if it had been trained by two torchrun processes
-    (ckpt / "config.json").write_text(json.dumps(config))
-    assert train_tiny("project03_pretrain", "--resume", "--max-iters", 1000, "--out", ckpt) == 2
-    assert "2 process(es)" in capsys.readouterr().err
 
 
 def test_user_mistakes_in_prepare_and_init_from(tiny_runs, corpus_file, tmp_path, capsys):

@@ -1,5 +1,4 @@
-"""Project 07's mixed precision: our loss scaler against torch.amp.GradScaler (the same scales, skipped steps
-and weights), an overflowed gradient never reaching the weights, fp16's underflow that scaling cures, 16-bit
+"""Project 07's mixed precision (its loss scaler against torch.amp.GradScaler: test_training_line.py): 16-bit
 inference against fp32, --precision through train.py (checkpoint size, exact resume of the scale), and the
 benchmark's report."""
 
@@ -10,87 +9,7 @@ import torch
 from conftest import assert_one_line_error, load_project, read_report, run_main, tiny_trainer
 
 P = load_project("project07_mixed_precision")
-CPU = torch.device("cpu")
-TINY = P.model.GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
-FP16 = P.precision.PRECISIONS["fp16"]
 train_tiny = tiny_trainer("project07_mixed_precision")
-
-
-class Batches:
-    """The same fixed random batches for every run, in order."""
-
-    def __init__(self, n: int = 12, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.batches = torch.randint(TINY.vocab_size, (n, 4, TINY.block_size + 1), generator=g)
-        self.i = 0
-
-    def next_batch(self):
-        b, self.i = self.batches[self.i % len(self.batches)], self.i + 1
-        return b[:, :-1], b[:, 1:]
-
-
-def run_fp16(scaler, steps: int) -> tuple[list[float], list[bool], dict]:
-    """`steps` fp16 training steps with `scaler`: (the scale of each step, which were skipped, weights)."""
-    torch.manual_seed(0)
-    model = P.model.GPT(TINY)
-    tc = P.train.TrainConfig(batch_size=4)
-    opt = P.train.make_optimizer(model, tc, CPU)
-    loader, scales, skipped = Batches(), [], []
-    for _ in range(steps):
-        scales.append(scaler.get_scale())
-        _, _, skip = P.train.train_step(
-            model, opt, scaler, loader, 2, 1e-3, tc, CPU, FP16, P.distributed.Dist()
-        )
-        skipped.append(skip)
-    return scales, skipped, model.state_dict()
-
-
-def test_our_scaler_equals_torch_gradscaler_through_overflow_and_growth():
-    """2**24 overflows fp16 (the logits' gradient is about scale / tokens), so the first steps are skipped and
-    the scale halves until gradients fit; growth_interval 3 then doubles it into overflow again."""
-    settings = dict(init_scale=2.0**24, growth_interval=3)
-    ours = run_fp16(P.precision.LossScaler(**settings), 10)
-    theirs = run_fp16(torch.amp.GradScaler("cpu", **settings), 10)
-    assert ours[0] == theirs[0]  # the scale sequence
-    assert ours[1] == theirs[1]  # which steps were skipped
-    assert ours[0] == [2.0**e for e in (24, 23, 22, 21, 20, 19, 19, 19, 20, 19)]  # halve, settle, grow
-    assert ours[1] == [True] * 5 + [False] * 3 + [True, False]  # 2**20 overflows again after growing
-    for name, weight in theirs[2].items():
-        assert torch.equal(ours[2][name], weight), name
-
-
-def test_an_overflowed_gradient_never_reaches_the_weights():
-    model = torch.nn.Linear(4, 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    scaler = P.precision.LossScaler(init_scale=8.0)
-    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
-    model.weight.grad[0, 0] = float("nan")
-    scaler.step(opt)
-    scaler.update()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert opt.state == {}  # not even Adam's moments saw the step
-    assert scaler.get_scale() == 4.0
-
-
-def test_small_gradients_flush_to_zero_in_fp16_and_survive_with_scaling():
-    """Micikevicius et al.'s figure 3: many gradients lie below fp16's smallest subnormal (6e-8). Here every
-    gradient is about 1e-8: an fp16 backward makes them 0, the same backward of a scaled loss keeps them."""
-    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
-
-    def grad(scaler) -> torch.Tensor:
-        layer = torch.nn.Linear(16, 16, bias=False)
-        torch.nn.init.eye_(layer.weight)
-        out = layer.half()(x.half())  # an fp16 layer, as autocast runs it on a GPU
-        scaler.scale(out.float().sum() * 1e-8).backward()
-        g = layer.weight.grad.float() / scaler.get_scale()  # what unscale_ would hand the optimizer
-        return g
-
-    exact = x.sum(0).expand(16, 16) * 1e-8  # d(sum(x W^T) * 1e-8) / dW
-    unscaled = grad(P.precision.NoScaler())
-    scaled = grad(P.precision.LossScaler())
-    assert torch.count_nonzero(unscaled) == 0
-    torch.testing.assert_close(scaled, exact, rtol=1e-2, atol=0)  # fp16 rounding of a sum of 8 terms
 
 
 @pytest.mark.parametrize("dtype, ppl_tolerance", [(torch.float16, 0.005), (torch.bfloat16, 0.01)])
@@ -156,6 +75,7 @@ def test_a_device_that_cannot_compute_in_a_dtype_is_refused():
 
 def test_generate_in_16_bits_prints_a_sample(tiny_runs, capsys):
     ckpt = tiny_runs.checkpoint("project07_mixed_precision")
+    capsys.readouterr()  # what training printed, if this test trained the shared checkpoint
     for dtype in ("float16", "bfloat16"):
         flags = ["--checkpoint", ckpt, "--prompt", "ROMEO:", "--max-new-tokens", "4", "--device", "cpu"]
         assert run_main(P.generate, *flags, "--dtype", dtype, "--temperature", "0") == 0

@@ -32,10 +32,10 @@ from cli import (
     pick_dtype,
     positive_int,
 )
+from config import DEFAULT_PRESET, PRESETS
 from hf import save_hf_dir
 from model import GPT, KVCache
 from results import add_output_args, compare, print_table, row, time_it, write_report
-from train import DEFAULT_PRESET, PRESETS
 
 PROMPT_TOKENS = 16  # the decoding runs continue a prompt of this many (random) tokens
 LENGTHS = {"tiny": (16, 64)}  # new tokens per run; the other presets: 128, 512, 1000 (and 2000 on a GPU)

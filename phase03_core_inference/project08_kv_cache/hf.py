@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import PROJECT, REPO_ROOT, ArgumentParser, UserError, exits_cleanly, unwritable
+from checkpoint import DEFAULT_DIR, load_checkpoint
+from cli import ArgumentParser, UserError, exits_cleanly, unwritable
 from model import GPT, GPTConfig
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
@@ -215,11 +216,8 @@ def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None) -> GPT:
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    from checkpoint import load_checkpoint  # here, not at the top: checkpoint.py imports this module later on
-
     p = ArgumentParser(description="Export a checkpoint of this project to Hugging Face's GPT-2 format.")
-    p.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "data" / "models" / PROJECT,
-                   help="a checkpoint written by train.py")  # fmt: skip
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument("--out", type=Path, required=True, help="folder for config.json and model.safetensors")
     args = p.parse_args(argv)
     if unwritable(args.out) or args.out.exists() and any(args.out.iterdir()):
