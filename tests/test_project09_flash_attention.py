@@ -180,10 +180,10 @@ def test_benchmark_prefill_takes_the_keys_bf16_autocast_makes():
     """benchmark.py times GPT-2's prefill under the GPU's bf16 autocast: the cache it sets up holds bf16
     keys (a cache in the weights' fp32 would refuse them, and the GPU run would end with nothing written).
     Run here on the CPU, whose autocast also makes bf16, with SDPA."""
-    mc, tc = P.train.PRESETS["tiny"]
-    mc = dataclasses.replace(mc, flash=True, triton=False)
+    mc, tc = P.config.PRESETS["tiny"]
+    mc = dataclasses.replace(mc, **P.config.ATTENTION["sdpa"])
     tok_s, prefill_ms = P.benchmark.train_and_prefill(
-        mc, tc, P.precision.PRECISIONS["bf16"], SimpleNamespace(repeats=1), torch.device("cpu")
+        mc, tc, torch.bfloat16, SimpleNamespace(repeats=1), torch.device("cpu")
     )
     assert tok_s > 0 and prefill_ms > 0
 

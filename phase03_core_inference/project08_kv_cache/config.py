@@ -39,6 +39,8 @@ PRESETS = {
     ),
 }
 DEFAULT_PRESET = "gpt2"
+# How train.py's --attention computes attention (the first is the default): GPTConfig's switches.
+ATTENTION = {"sdpa": dict(flash=True), "explicit": dict(flash=False)}  # PyTorch's fused SDPA, or written out
 # The flags of train.py that override a preset's value, with their types; --help lists every preset's value.
 MODEL_FLAGS = {"dropout": (fraction_below(1), "dropout rate")}
 TRAIN_FLAGS = {

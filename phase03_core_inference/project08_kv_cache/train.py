@@ -30,7 +30,7 @@ from cli import (
     seed_everything,
     warn_if_slow,
 )
-from config import DEFAULT_PRESET, FIXED_ON_RESUME, MODEL_FLAGS, PRESETS, TRAIN_FLAGS, TrainConfig
+from config import ATTENTION, DEFAULT_PRESET, FIXED_ON_RESUME, MODEL_FLAGS, PRESETS, TRAIN_FLAGS, TrainConfig
 from data import DATA_DIR, get_batch, load_tokens
 from hf import load_gpt2
 from model import GPT, GPTConfig
@@ -86,7 +86,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
-    p.add_argument("--attention", choices=["sdpa", "explicit"], default="sdpa", help="fused or written out")
+    p.add_argument("--attention", choices=ATTENTION, default=next(iter(ATTENTION)), help="see config.py")
     add_device_args(p)
     add_config_flags(p, {name: mc for name, (mc, _) in PRESETS.items()}, MODEL_FLAGS)
     add_config_flags(p, {name: tc for name, (_, tc) in PRESETS.items()}, TRAIN_FLAGS)
@@ -110,19 +110,9 @@ def configure(args, device) -> tuple[GPTConfig, TrainConfig, dict]:
         mc, tc = GPTConfig(**saved["model"]), TrainConfig(**training["train_config"])
         if training["step"] >= (args.max_iters or tc.max_iters):
             raise UserError(f"the run in {args.out} is done at step {training['step']}: raise --max-iters")
-    mc = replace(override(mc, args, MODEL_FLAGS), flash=args.attention == "sdpa")
+    mc = replace(override(mc, args, MODEL_FLAGS), **ATTENTION[args.attention])
     meta = {"tokenizer": {"type": "tiktoken", "name": "gpt2"}, "training": {"step": 0, **training}}
     return mc, override(tc, args, TRAIN_FLAGS), meta
-
-
-def build_model(mc: GPTConfig, init_from: str | None, device) -> GPT:
-    """A fresh GPT of the preset's shape, or GPT-2's weights with this run's dropout and attention."""
-    if not init_from:
-        return GPT(mc).to(device)
-    gpt2 = load_gpt2(init_from, cache_dir=DATA_DIR / "hf")  # downloaded once, then read from data/hf
-    model = GPT(replace(gpt2.config, dropout=mc.dropout, flash=mc.flash))
-    model.load_state_dict(gpt2.state_dict())
-    return model.to(device)
 
 
 @exits_cleanly
@@ -132,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     mc, tc, meta = configure(args, device)
     training, dtype = meta["training"], getattr(torch, meta["training"]["dtype"])
     seed_everything(tc.seed)
-    model = build_model(mc, None if args.resume else training["init_from"], device)
+    init_from = None if args.resume else training["init_from"]  # a resumed run's weights are its own
+    model = (load_gpt2(init_from, DATA_DIR / "hf", like=mc) if init_from else GPT(mc)).to(device)
     T = model.config.block_size
     train_tokens, val_tokens, about = load_tokens(training["data"], T)
     optimizer, batches = make_optimizer(model, tc), torch.Generator().manual_seed(tc.seed)  # the batch order

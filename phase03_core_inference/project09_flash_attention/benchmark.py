@@ -29,17 +29,17 @@ from cli import (  # noqa: E402
     ArgumentParser,
     UserError,
     add_device_args,
+    autocast,
     exits_cleanly,
     pick_device,
     pick_dtype,
     positive_int,
 )
-from distributed import Dist  # noqa: E402
+from config import ATTENTION, PRESETS  # noqa: E402
 from flash_attention import attention_reference, flash_attention  # noqa: E402
 from model import GPT  # noqa: E402
-from precision import PRECISIONS, NoScaler, auto_precision  # noqa: E402
 from results import add_output_args, compare, print_table, row, time_it, write_report  # noqa: E402
-from train import PRESETS, make_optimizer, train_step  # noqa: E402
+from train import make_optimizer, train_step  # noqa: E402
 
 
 def sdpa(q, k, v, causal: bool) -> torch.Tensor:
@@ -136,29 +136,20 @@ def decode_rows(args, dtype, device, rows: list[dict]) -> None:
             rows += compare("decode_attention_gb_per_s", "GB/s", speed)
 
 
-class RandomTokens:
-    """One fixed batch of random ids: step time does not depend on what the tokens say."""
-
-    def __init__(self, batch: int, block: int, vocab_size: int, device):
-        self.data = torch.randint(vocab_size, (batch, block + 1), device=device)
-
-    def next_batch(self):
-        return self.data[:, :-1], self.data[:, 1:]
-
-
-def train_and_prefill(mc, tc, precision, args, device) -> tuple[float | None, float | None]:
-    """Tokens/s of one training step of GPT(mc) (a micro-batch of tc.batch_size), and milliseconds of one
-    prefill, a forward pass over one full-context prompt under the KV cache; None out of memory."""
+def train_and_prefill(mc, tc, dtype, args, device) -> tuple[float | None, float | None]:
+    """Tokens/s of one training step of GPT(mc) (a batch of tc.batch_size), and milliseconds of one prefill,
+    a forward pass over one full-context prompt under the KV cache; None out of memory. The step is
+    train.py's; the tokens are random (step time does not depend on what they say)."""
     torch.manual_seed(0)
     model = GPT(mc).to(device)
-    optimizer = make_optimizer(model, tc, device)
-    loader = RandomTokens(tc.batch_size, mc.block_size, mc.vocab_size, device)
-    step = lambda: train_step(model, optimizer, NoScaler(), loader, 1, tc.lr, tc, device, precision, Dist())  # noqa: E731
-    prompt = loader.data[:1, :-1]  # (1, T)
+    optimizer = make_optimizer(model, tc)
+    data = torch.randint(mc.vocab_size, (tc.batch_size, mc.block_size + 1), device=device)
+    step = lambda: train_step(model, optimizer, (data[:, :-1], data[:, 1:]), tc.lr, tc, dtype)  # noqa: E731
+    prompt = data[:1, :-1]  # (1, T)
 
     @torch.no_grad()
     def prefill():
-        with precision.autocast(device):
+        with autocast(device, dtype):
             model.prefill(prompt)  # writes slots 0..T-1 again each time: the same work as the first
 
     torch.cuda.empty_cache()
@@ -167,7 +158,7 @@ def train_and_prefill(mc, tc, precision, args, device) -> tuple[float | None, fl
     except torch.OutOfMemoryError:
         train_s = None
     # as project 08 times it: the prefill alone, cache in place, holding the keys autocast makes
-    model.eval().setup_cache(1, mc.block_size, dtype=precision.compute)
+    model.eval().setup_cache(1, mc.block_size, dtype=dtype)
     try:
         prefill_s, _ = time_it(prefill, device, warmup=2, repeats=args.repeats)
     except torch.OutOfMemoryError:
@@ -180,15 +171,14 @@ def end_to_end_rows(args, device, rows: list[dict]) -> None:
     """GPT-2 124M's training tokens/s and prefill time with each attention, at its context and at 4x it
     (attention's share of a step grows with the length), the same 16,384 tokens a training step at both."""
     mc, tc = PRESETS["gpt2"]
-    precision = PRECISIONS[auto_precision(device)]
-    variants = {"explicit": (False, False), "sdpa": (True, False), "triton": (True, True)}  # (flash, triton)
+    dtype = pick_dtype("auto", device)  # bf16 autocast where the GPU has it, as train.py trains
     for block in (1024, 4096):
         tc_block = replace(tc, batch_size=16 * 1024 // block)
         runs = {
             f"{name}, 124M, T={block}": train_and_prefill(
-                replace(mc, block_size=block, flash=flash, triton=triton), tc_block, precision, args, device
+                replace(mc, block_size=block, **switches), tc_block, dtype, args, device
             )
-            for name, (flash, triton) in variants.items()
+            for name, switches in reversed(ATTENTION.items())  # explicit first: the ratios' baseline
         }
         rows += compare("train_tok_per_s", "tok/s", {n: r[0] for n, r in runs.items()})
         rows += compare("ttft_ms", "ms", {n: r[1] for n, r in runs.items()})
