@@ -41,7 +41,7 @@ PRESETS = {
 DEFAULT_PRESET = "gpt2"
 # How train.py's --attention computes attention (the first is the default): GPTConfig's switches.
 ATTENTION = {
-    "triton": dict(flash=True, triton=True),  # NEW: our FlashAttention-2 kernels on CUDA (SDPA elsewhere)
+    "triton": dict(flash=True, triton=True),  # our FlashAttention-2 kernels on CUDA (SDPA elsewhere)
     "sdpa": dict(flash=True, triton=False),  # PyTorch's fused scaled_dot_product_attention
     "explicit": dict(flash=False, triton=False),  # written out, as in project 01
 }

@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from cli import ArgumentParser, add_device_args, exits_cleanly, pick_device, pick_dtype, positive_int, sync
+from config import DEFAULT_PRESET, PRESETS
 from model import GPT
 from prefix_cache import PrefixCache
 from results import add_output_args, compare, print_table, row, time_it, write_report
-from train import DEFAULT_PRESET, PRESETS
 
 
 @dataclass
