@@ -296,7 +296,7 @@ def test_expected_speedup_formula():
 
 
 def test_the_draft_preset_is_a_smaller_gpt_with_the_targets_tokenizer_and_context():
-    draft, target = P.train.PRESETS["draft"][0], P.train.PRESETS["cpu"][0]
+    draft, target = P.config.PRESETS["draft"][0], P.config.PRESETS["cpu"][0]
     assert (draft.vocab_size, draft.block_size) == (target.vocab_size, target.block_size)
     assert P.model.GPT(draft).num_params() < P.model.GPT(target).num_params() / 2
 

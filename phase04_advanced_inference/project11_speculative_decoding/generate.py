@@ -21,9 +21,11 @@ import torch
 
 from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     command,
     exits_cleanly,
     non_negative_int,
@@ -37,7 +39,6 @@ from cli import (
 from data import DATA_DIR
 from hf import load_gpt2
 from model import GPT
-from precision import DTYPES, check_dtype
 from prefix_cache import PrefixCache
 from speculative import LookupDrafter, ModelDrafter, SpeculativeDecoder
 from tokenizer import GPT2Tokenizer

@@ -315,7 +315,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 def kernels_run_on(t: torch.Tensor) -> bool:
     """Where the model sends attention here: 16-bit CUDA tensors with a head size the kernels take. Elsewhere
     Triton has no compiler (its interpreter, TRITON_INTERPRET=1, runs the tests on a CPU, far too slowly for
-    real use), and fp32 would run tl.dot in TF32, which --precision fp32 promises not to."""
+    real use), and fp32 would run tl.dot in TF32, which fp32 (--dtype float32) promises not to."""
     return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and t.size(-1) in HEAD_SIZES
 
 
