@@ -45,11 +45,11 @@ from cli import (
     pick_dtype,
     positive_int,
 )
+from config import DEFAULT_PRESET, PRESETS
 from engine import Engine, EngineConfig
 from model import GPT
 from results import add_output_args, compare, print_table, row, time_it, write_report
 from sequence import SamplingParams
-from train import DEFAULT_PRESET, PRESETS
 
 
 @dataclass

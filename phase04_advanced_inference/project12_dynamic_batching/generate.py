@@ -24,9 +24,11 @@ import torch
 
 from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     exits_cleanly,
     non_negative_int,
     pick_device,
@@ -39,7 +41,6 @@ from data import DATA_DIR
 from engine import Engine, EngineConfig
 from hf import load_gpt2
 from model import GPT
-from precision import DTYPES, check_dtype
 from prefix_cache import PrefixCache
 from sequence import RequestOutput, SamplingParams, Sequence
 from tokenizer import EOT, GPT2Tokenizer
