@@ -42,12 +42,12 @@ from cli import (
     pick_dtype,
     positive_int,
 )
+from config import DEFAULT_PRESET, PRESETS
 from engine import Engine, EngineConfig
 from model import GPT
 from paged_attention import paged_attention, paged_attention_reference, paged_kernel_runs_on
 from results import add_output_args, compare, print_table, row, time_it, write_report
 from sequence import SamplingParams
-from train import DEFAULT_PRESET, PRESETS
 
 
 @dataclass
@@ -57,13 +57,13 @@ class Workload:
     # log-uniform in this range: as many requests of 16-32 new tokens as of 32-64, ..., or of 256-512
     output_tokens: tuple[int, int]
     budget_contexts: int  # the KV budget, in whole contexts: the contiguous cache's batch
-    block_size: int = 16
+    kv_block_size: int = 16
 
 
 WORKLOADS = {
     "cuda": Workload(256, (32, 512), (16, 512), 16),
     "cpu": Workload(64, (16, 128), (16, 512), 8),  # 2 cores: a few minutes at the cpu preset
-    "tiny": Workload(12, (4, 12), (2, 16), 3, block_size=4),
+    "tiny": Workload(12, (4, 12), (2, 16), 3, kv_block_size=4),
 }
 
 
@@ -121,7 +121,7 @@ def engine_config(model: GPT, w: Workload, n_requests: int, paged: bool) -> Engi
         max_num_seqs=n_requests if paged else w.budget_contexts,
         max_num_batched_tokens=max(c.block_size, n_requests * w.prompt_tokens[1]),
         kv_cache_mb=w.budget_contexts * context_bytes / 2**20,
-        block_size=w.block_size,
+        kv_block_size=w.kv_block_size,
         reserve_context=not paged,
     )
 
@@ -141,7 +141,7 @@ def serve(model: GPT, requests, w: Workload, paged: bool, label: str) -> Run:
         for out in outputs:
             run.tokens[index[out.request_id]] += out.token_ids
         running = engine.scheduler.running
-        run.reserved += sum(len(s.block_table) for s in running) * w.block_size
+        run.reserved += sum(len(s.block_table) for s in running) * w.kv_block_size
         run.used += sum(s.num_cached for s in running)
         run.running.append(len(running))
         bar.update(len(outputs))
@@ -155,7 +155,7 @@ def decode_attention_ms(model: GPT, w: Workload, batch: int, device) -> dict[str
     """One layer's decode attention for `batch` sequences of the workload's mean length in random blocks of a
     pool: the gather reference against the Triton kernel (on a GPU)."""
     c = model.config
-    nh, hs, L = c.n_head, c.n_embd // c.n_head, w.block_size
+    nh, hs, L = c.n_head, c.n_embd // c.n_head, w.kv_block_size
     length = sum(w.prompt_tokens) // 2 + sum(w.output_tokens) // 4
     per_seq = -(-length // L)
     g = torch.Generator().manual_seed(0)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     w = workload_for(args, device)
     shape = PRESETS[args.preset][0]
     context = max(shape.block_size, w.prompt_tokens[1] + w.output_tokens[1])
-    config = replace(shape, block_size=-(-context // w.block_size) * w.block_size)  # whole blocks
+    config = replace(shape, block_size=-(-context // w.kv_block_size) * w.kv_block_size)  # whole blocks
     torch.manual_seed(0)
     model = GPT(config).to(device, dtype).eval()
     requests = make_requests(w, w.requests, config.vocab_size, args.seed)

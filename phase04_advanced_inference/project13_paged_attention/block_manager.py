@@ -1,11 +1,11 @@
 """NEW: the KV memory as a pool of fixed-size blocks (Kwon et al. 2023, vLLM's PagedAttention), managed the
 way nano-vllm's BlockManager does it.
 
-A sequence's keys and values live in blocks of block_size positions each, anywhere in the pool; its block
-table (Sequence.block_table) lists them in order, as a page table lists a process's pages: position p lives
-in block block_table[p // block_size] at offset p % block_size. A block is allocated when a sequence first
-writes into it, so a sequence holds at most one partly filled block (internal fragmentation below one block),
-and any free block fits any sequence (no external fragmentation). Blocks go back to the pool when their
+A sequence's keys and values live in blocks of kv_block_size (L) positions each, anywhere in the pool; its
+block table (Sequence.block_table) lists them in order, as a page table lists a process's pages: position p
+lives in block block_table[p // L] at offset p % L. A block is allocated when a sequence first writes into it,
+so a sequence holds at most one partly filled block (internal fragmentation below one block), and any free
+block fits any sequence (no external fragmentation). Blocks go back to the pool when their
 sequence finishes, is aborted or is preempted.
 
 Prefix sharing (project 10's chained hashes, now in place): a full block's key is a hash of its parent's key
@@ -38,10 +38,10 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
-        if block_size < 1:
-            raise ValueError(f"the block size must be at least 1 token, got {block_size}")
-        self.block_size, self.prefix_caching = block_size, prefix_caching
+    def __init__(self, num_blocks: int, kv_block_size: int, prefix_caching: bool = True):
+        if kv_block_size < 1:
+            raise ValueError(f"the block size must be at least 1 token, got {kv_block_size}")
+        self.kv_block_size, self.prefix_caching = kv_block_size, prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids = deque(range(num_blocks))  # least recently freed first: the eviction order
         self.cached: dict[bytes, int] = {}  # key -> id of the block holding that full block
@@ -59,7 +59,7 @@ class BlockManager:
 
     def blocks_for(self, positions: int) -> int:
         """Blocks that hold `positions` positions."""
-        return -(-positions // self.block_size)
+        return -(-positions // self.kv_block_size)
 
     def _take_free(self) -> int:
         """A free block for new keys and values: the least recently freed, whose cached block is dropped."""
@@ -74,7 +74,7 @@ class BlockManager:
         """A newly admitted sequence takes the registered blocks of its prompt's longest cached prefix, shared
         in place. The last token is always left to compute: its logits give the next token. Returns the
         number of positions found."""
-        L, parent = self.block_size, b""
+        L, parent = self.kv_block_size, b""
         for i in range(0, len(seq.token_ids) - 1 - L + 1, L):
             tokens = tuple(seq.token_ids[i : i + L])
             key = block_hash(parent, tokens)
@@ -96,7 +96,7 @@ class BlockManager:
         """Free blocks that writing positions first..end-1 takes: one for each block not allocated yet and
         one for each shared block (copied on write)."""
         needed = 0
-        for i in range(first // self.block_size, self.blocks_for(end)):
+        for i in range(first // self.kv_block_size, self.blocks_for(end)):
             needed += i >= len(seq.block_table) or self.blocks[seq.block_table[i]].ref_count > 1
         return needed
 
@@ -104,7 +104,7 @@ class BlockManager:
         """Give positions first..end-1 blocks this sequence alone holds: allocate the missing ones, copy the
         shared ones (the copy is made by the engine before the next forward pass), and unregister any of its
         own cached blocks, whose keys and values are about to change."""
-        for i in range(first // self.block_size, self.blocks_for(end)):
+        for i in range(first // self.kv_block_size, self.blocks_for(end)):
             if i == len(seq.block_table):
                 seq.block_table.append(self._take_free())
                 continue
@@ -116,12 +116,12 @@ class BlockManager:
             elif block.key is not None:
                 del self.cached[block.key]
                 block.key, block.tokens = None, ()
-        del seq.block_hashes[first // self.block_size :]
+        del seq.block_hashes[first // self.kv_block_size :]
 
     def register(self, seq: Sequence) -> None:
         """After a step: register the sequence's newly computed full blocks under their keys, for the prompts
         after it (its reply too: a conversation's next turn starts with it)."""
-        L = self.block_size
+        L = self.kv_block_size
         for i in range(len(seq.block_hashes), seq.num_cached // L):
             tokens = tuple(seq.token_ids[i * L : (i + 1) * L])
             key = block_hash(seq.block_hashes[-1] if seq.block_hashes else b"", tokens)

@@ -39,7 +39,7 @@ class EngineConfig:
     max_num_seqs: int = 16  # sequences running at once
     max_num_batched_tokens: int = 2048  # tokens one step computes at most; at least the context
     kv_cache_mb: float | None = None  # the KV pool's memory budget; None: max_num_seqs whole contexts
-    block_size: int = 16  # NEW: positions per block of the KV pool (vLLM's default)
+    kv_block_size: int = 16  # NEW: positions per block of the KV pool (vLLM's default)
     enable_prefix_caching: bool = True  # NEW: equal prompt prefixes share their full blocks (vLLM's name)
     reserve_context: bool = False  # NEW: the baseline: a whole context's blocks per sequence (project 12)
 
@@ -63,15 +63,15 @@ class Engine:
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) is below the context "
                 f"({self.context}): a long prompt could never run"
             )
-        if not 1 <= config.block_size <= self.context:
+        if not 1 <= config.kv_block_size <= self.context:
             raise ValueError(
-                f"block_size must be from 1 to the context ({self.context}), got {config.block_size}"
+                f"kv_block_size must be from 1 to the context ({self.context}), got {config.kv_block_size}"
             )
         w = model.wte.weight
         c = model.config
-        # NEW: keys and values of block_size positions in every layer
-        self.block_bytes = c.n_layer * 2 * config.block_size * c.n_embd * w.element_size()
-        per_sequence = -(-self.context // config.block_size)  # the blocks of one whole context
+        # NEW: keys and values of kv_block_size positions in every layer
+        self.block_bytes = c.n_layer * 2 * config.kv_block_size * c.n_embd * w.element_size()
+        per_sequence = -(-self.context // config.kv_block_size)  # the blocks of one whole context
         num_blocks = config.max_num_seqs * per_sequence
         if config.kv_cache_mb is not None:
             num_blocks = int(config.kv_cache_mb * 2**20 // self.block_bytes)
@@ -82,12 +82,14 @@ class Engine:
                 )
         self.max_num_seqs = config.max_num_seqs
         try:
-            self.kv_pools = model.setup_kv_pool(num_blocks, config.block_size, w.dtype, w.device)  # per layer
+            self.kv_pools = model.setup_kv_pool(
+                num_blocks, config.kv_block_size, w.dtype, w.device
+            )  # per layer
         except RuntimeError as e:  # more than the device holds (torch.OutOfMemoryError is a RuntimeError)
             raise ValueError(
                 f"a KV pool of {num_blocks * self.block_bytes / 2**20:,.0f} MiB does not fit in memory"
             ) from e
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -173,7 +175,7 @@ class Engine:
         plan.sort(key=lambda p: len(p[1]) > 1)  # one-token sequences first: one attention group
         device = self.model.wte.weight.device
         layout = [(s.block_table, first, len(tokens)) for s, tokens, first in plan]
-        batch = StepBatch.build(layout, self.block_manager.block_size, device)
+        batch = StepBatch.build(layout, self.block_manager.kv_block_size, device)
         idx = torch.tensor([t for _, tokens, _ in plan for t in tokens], device=device)  # (N,)
         logits = self.model.step_logits(idx, batch)  # (sequences, V)
         for s, tokens, first in plan:

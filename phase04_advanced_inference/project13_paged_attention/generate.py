@@ -24,9 +24,11 @@ import torch
 
 from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     exits_cleanly,
     non_negative_int,
     pick_device,
@@ -39,7 +41,6 @@ from data import DATA_DIR
 from engine import Engine, EngineConfig
 from hf import load_gpt2
 from model import GPT
-from precision import DTYPES, check_dtype
 from sequence import RequestOutput, SamplingParams, Sequence
 from tokenizer import EOT, GPT2Tokenizer
 
@@ -113,7 +114,10 @@ def parse_args(argv):
         help="the KV pool's memory budget (default: --max-num-seqs whole contexts)",
     )
     p.add_argument(  # NEW
-        "--block-size", type=positive_int, default=EngineConfig.block_size, help="positions per KV block"
+        "--kv-block-size",
+        type=positive_int,
+        default=EngineConfig.kv_block_size,
+        help="positions per KV block",
     )
     add_device_args(p, dtype=False)
     p.add_argument(
@@ -174,7 +178,7 @@ def make_engine(model: GPT, args, num_requests: int, tokenizer) -> Engine:
     """An engine serving up to --max-num-seqs requests at once, in a KV pool of --kv-mb (NEW: in blocks,
     shared between equal prompt prefixes unless --no-prefix-cache)."""
     config = EngineConfig(min(args.max_num_seqs, num_requests), args.max_num_batched_tokens, args.kv_mb)
-    config.block_size, config.enable_prefix_caching = args.block_size, not args.no_prefix_cache
+    config.kv_block_size, config.enable_prefix_caching = args.kv_block_size, not args.no_prefix_cache
     try:
         return Engine(model, config, tokenizer)
     except ValueError as e:  # limits that cannot work with this model: one line, exit 2
@@ -188,8 +192,7 @@ def one_at_a_time(model: GPT, prompts: list[list[int]], params: list[SamplingPar
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         seq = Sequence(i, prompt, p, tokenizer.id_to_bytes, device)
         sampling = (p.temperature, p.top_k, p.top_p, seq.generator)
-        for next_id in model.generate_stream(torch.tensor([prompt], device=device), p.max_tokens, *sampling,
-                                             use_cache=False):  # fmt: skip
+        for next_id in model.generate_stream(torch.tensor([prompt], device=device), p.max_tokens, *sampling):
             out = seq.append(next_id.item())
             yield i, out
             if out.finished:

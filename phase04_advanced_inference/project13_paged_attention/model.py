@@ -1,12 +1,13 @@
 """GPT-2 in one file: embeddings, causal self-attention, MLP, blocks, and sampling. The defaults are GPT-2
 small (124M parameters); attention runs through PyTorch's fused scaled_dot_product_attention. Generation keeps
-every layer's keys and values in a KV cache, so each new token costs one position's work, not the prefix's.
-The serving engine (engine.py) runs many sequences at once through step_logits: one step computes every
-sequence's new tokens together (Orca's selective batching), each reading its keys and values through its
-block table from a pool of fixed-size blocks (NEW: vLLM's PagedAttention, paged_attention.py).
+every layer's keys and values, so each new token costs one position's work, not the prefix's: the serving
+engine (engine.py) runs many sequences at once through step_logits, one step computing every sequence's new
+tokens together (Orca's selective batching), each reading its keys and values through its block table from a
+pool of fixed-size blocks (NEW: vLLM's PagedAttention, paged_attention.py). generate_stream keeps no cache
+at all: it reruns the window every step, the baseline of generate.py --no-cache.
 
 Shapes in comments: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = head size (C // nh),
-V = vocab_size, S = the KV cache's slots.
+V = vocab_size, N = an engine step's tokens, P = the pool's blocks, L = positions per block.
 """
 
 import math
@@ -43,33 +44,14 @@ class GPTConfig:
         return -(-self.vocab_size // 64) * 64
 
 
-class KVCache(nn.Module):
-    """Every layer's keys and values so far, in buffers allocated once at their full size (gpt-fast's
-    static cache): a decoding step writes one slot instead of recomputing the whole prefix, and the shapes
-    never change, so torch.compile and CUDA graphs capture a step once."""
-
-    def __init__(self, batch_size: int, max_seq_len: int, n_head: int, head_size: int, dtype, device=None):
-        super().__init__()
-        shape = (batch_size, n_head, max_seq_len, head_size)  # (B, nh, S, hs)
-        # Buffers follow .to(device); not persistent, so a cache never ends up in a checkpoint.
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nh, T, hs) into slots input_pos (T,); return the whole caches, (B, nh, S, hs)."""
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        return self.k_cache, self.v_cache
-
-
 class PagedKVCache(nn.Module):
-    """NEW: one layer's keys and values for the serving engine, as a pool of blocks of block_size positions
+    """NEW: one layer's keys and values for the serving engine, as a pool of blocks of kv_block_size positions
     (vLLM's PagedAttention). A sequence's positions live in the blocks its block table lists, wherever they
     are in the pool (block_manager.py hands them out)."""
 
-    def __init__(self, num_blocks: int, block_size: int, n_head: int, head_size: int, dtype, device=None):
+    def __init__(self, num_blocks: int, kv_block_size: int, n_head: int, head_size: int, dtype, device=None):
         super().__init__()
-        shape = (num_blocks, n_head, block_size, head_size)  # (P, nh, L, hs)
+        shape = (num_blocks, n_head, kv_block_size, head_size)  # (P, nh, L, hs)
         self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -112,13 +94,13 @@ class StepBatch:
     groups: list[AttentionGroup]
 
     @staticmethod
-    def build(layout: list[tuple[list[int], int, int]], block_size: int, device) -> "StepBatch":
+    def build(layout: list[tuple[list[int], int, int]], kv_block_size: int, device) -> "StepBatch":
         """layout: (block table, first position, number of tokens) of each sequence, in token order.
         Sequences with one token each (decoding) next to one another share one attention group."""
         blocks, positions, groups, start = [], [], [], 0
         for table, first, n in layout:
             positions += range(first, first + n)
-            blocks += [table[p // block_size] for p in range(first, first + n)]  # NEW: through its table
+            blocks += [table[p // kv_block_size] for p in range(first, first + n)]  # NEW: through its table
             if n == 1 and groups and groups[-1][2] == 1:
                 groups[-1][1] += 1  # one more decoding sequence in the open group
                 groups[-1][3].append(table)
@@ -127,20 +109,20 @@ class StepBatch:
             start += n
         pos_t = torch.tensor(positions, device=device)
         counts = torch.tensor([n for _, _, n in layout], device=device)
-        groups = [_group(*g, positions, block_size, device) for g in groups]
+        groups = [_group(*g, positions, kv_block_size, device) for g in groups]
         blocks_t = torch.tensor(blocks, device=device)
-        return StepBatch(blocks_t, pos_t % block_size, pos_t, counts.cumsum(0) - 1, groups)
+        return StepBatch(blocks_t, pos_t % kv_block_size, pos_t, counts.cumsum(0) - 1, groups)
 
 
 def _group(
-    start: int, end: int, n: int, tables: list[list[int]], positions: list[int], block_size: int, device
+    start: int, end: int, n: int, tables: list[list[int]], positions: list[int], kv_block_size: int, device
 ):
     """An AttentionGroup of the step's tokens start..end-1, n per sequence. NEW: each sequence's block table,
     and how many positions its last query sees. A prefill from position 0 attends causally to its own keys
     (through the Triton kernels on a GPU); a prefill after a prefix hit sees its blocks up to each query's
     position. Built from host lists: no GPU round trip."""
     lens = [p + 1 for p in positions[start + n - 1 : end : n]]  # (G,): each sequence's last position + 1
-    width = -(-max(lens) // block_size)  # the blocks that hold the longest one's positions
+    width = -(-max(lens) // kv_block_size)  # the blocks that hold the longest one's positions
     padded = [t[:width] + [0] * (width - len(t)) for t in tables]  # (G, M)
     mask = None
     if n > 1 and positions[start] > 0:
@@ -164,7 +146,6 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.flash = config.flash
         self.triton = config.triton and flash_attention is not None
-        self.kv_cache: KVCache | None = None  # set by GPT.setup_cache for generation
         self.kv_pool: PagedKVCache | None = None  # NEW: set by GPT.setup_kv_pool for the serving engine
         if not self.flash:
             # True above the diagonal = the future, which a token may not see. A buffer follows .to(device);
@@ -172,16 +153,8 @@ class CausalSelfAttention(nn.Module):
             mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), diagonal=1)
             self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        batch: StepBatch | None = None,
-    ) -> torch.Tensor:
-        """Without input_pos: x is the whole sequence, causally masked. With it (the cached path): x
-        holds the tokens at cache slots input_pos (T,), and mask (T, S) or (B, 1, T, S) says which slots each
-        of them may see (True = attend). With batch: an engine step's tokens, (1, N, C)."""
+    def forward(self, x: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
+        """x (B, T, C): the whole sequence, causally masked; with batch, an engine step's tokens (1, N, C)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         if batch is not None:  # many sequences' tokens end to end; attention per group of sequences
@@ -190,13 +163,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if input_pos is not None:  # store this step's keys and values, attend to every slot so far
-            k_all, v_all = self.kv_cache.update(
-                input_pos, k, v
-            )  # (B, nh, S, hs); the mask hides unwritten slots
-            if mask is not None:  # else a prefill from slot 0, whose own keys are all it may see
-                k, v = k_all, v_all
-        y = self._attend(q, k, v, mask)  # (B, nh, T, hs)
+        y = self._attend(q, k, v, None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -208,8 +175,8 @@ class CausalSelfAttention(nn.Module):
         if self.flash and self.triton and mask is None and dropout == 0 and kernels_run_on(q):
             return flash_attention(q, k, v, causal=True)  # our FlashAttention-2 kernels, (B, nh, T, hs)
         if self.flash:  # one fused kernel; it never materialises the (T, T) score matrix on GPUs
-            # Decoding brings its own mask: its queries are not at positions 0..T-1 (the Triton kernels take
-            # no mask, so decoding stays here, with dropout and the explicit path's CPU fallback).
+            # A prefill after a prefix hit brings its own mask: its queries are not at positions 0..T-1
+            # (the Triton kernels take no mask, so it stays here, with dropout and the CPU's fallback).
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None
             )  # (B, nh, T, hs)
@@ -281,16 +248,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        batch: StepBatch | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
         # Normalising the branch input, not the residual stream, leaves a clean identity path from the
         # embeddings to the output: gradients reach early layers undiminished, so deep stacks train stably.
-        x = x + self.attn(self.ln_1(x), input_pos, mask, batch)  # cache slots and mask, when generating
+        x = x + self.attn(self.ln_1(x), batch)  # an engine step's blocks and groups, when serving
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -331,15 +292,10 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        padding: torch.Tensor | None = None,
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss.
-        input_pos, padding: the cached path (see hidden)."""
-        x = self.hidden(idx, input_pos, padding)  # (B, T, C)
+        """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss."""
+        x = self.hidden(idx)  # (B, T, C)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): the vocabulary's padding dropped
         loss = None
         if targets is not None:
@@ -348,117 +304,32 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def hidden(
-        self,
-        idx: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        padding: torch.Tensor | None = None,
-        prefill: bool = False,
-    ) -> torch.Tensor:
-        """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C).
-
-        With input_pos (T,), after setup_cache(), idx holds the tokens at those cache slots, and they
-        attend to every slot written so far. padding (B,): how many slots of each row are left padding.
-        prefill: input_pos is 0..T-1, so the tokens need see only each other."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C)."""
         B, T = idx.shape
-        if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(
-                    f"sequence of {T} tokens is longer than the context ({self.config.block_size})"
-                )
-            pos, mask = torch.arange(T, device=idx.device), None  # (T,); attention masks causally itself
-        else:
-            pos, mask = self._cached_positions(input_pos, padding, prefill)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        pos = torch.arange(T, device=idx.device)  # (T,); attention masks causally itself
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C); positions broadcast over the batch
         for block in self.blocks:
-            x = block(x, input_pos, mask)
+            x = block(x)
         return self.ln_f(x)
 
-    def next_token_logits(
-        self,
-        idx: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        padding: torch.Tensor | None = None,
-        prefill: bool = False,
-    ) -> torch.Tensor:
+    def next_token_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, V): the logits of the token after idx's last. Only the last position goes through lm_head (at
         GPT-2's 50,257 tokens that is the largest matmul of a step)."""
-        x = self.hidden(idx, input_pos, padding, prefill)[:, -1, :]  # (B, C)
-        return self.lm_head(x)[:, : self.config.vocab_size]
-
-    # --- the KV cache --------------------------------------------------------------------------------------
-
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
-        """Give every attention layer a KVCache of max_seq_len slots. dtype: the dtype the keys come out
-        in (autocast's under autocast); by default the weights' dtype and device."""
-        if max_seq_len > self.config.block_size:  # a position past the context has no embedding
-            raise ValueError(
-                f"a KV cache of {max_seq_len} positions is longer than the context ({self.config.block_size})"
-            )
-        w = self.wte.weight
-        hs = self.config.n_embd // self.config.n_head
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(
-                batch_size, max_seq_len, self.config.n_head, hs, dtype or w.dtype, device or w.device
-            )
-
-    def clear_cache(self) -> None:
-        """Drop the caches (their memory goes back to the allocator)."""
-        for block in self.blocks:
-            block.attn.kv_cache = None
-
-    @property
-    def cache_size(self) -> int:
-        """Slots in each layer's KV cache (S)."""
-        cache = self.blocks[0].attn.kv_cache
-        if cache is None:
-            raise ValueError("no KV cache: call setup_cache() first")
-        return cache.k_cache.size(2)
-
-    def _cached_positions(self, input_pos: torch.Tensor, padding: torch.Tensor | None, prefill: bool):
-        """For tokens at cache slots input_pos (T,): their positions, (T,) or (B, T) when rows are left
-        padded, and the slots each one may see, (T, S) or (B, 1, T, S)."""
-        if prefill and padding is None:  # slots 0..T-1 see only each other: causal attention, no mask,
-            return input_pos, None  # so through the Triton kernels on a GPU
-        slots = torch.arange(self.cache_size, device=input_pos.device)  # (S,)
-        mask = slots <= input_pos[:, None]  # (T, S): causal; unwritten slots all lie ahead, so hidden too
-        if padding is None:
-            return input_pos, mask
-        # Row b's prompt starts at slot padding[b]: its positions count from there, and its padding slots are
-        # hidden from every query but their own (a query that sees nothing would make a NaN).
-        pos = (input_pos - padding[:, None]).clamp(min=0)  # (B, T)
-        real = slots >= padding[:, None]  # (B, S)
-        mask = mask & (real[:, None, :] | (slots == input_pos[:, None]))  # (B, T, S)
-        return pos, mask[:, None]  # (B, 1, T, S): the same for every head
-
-    def prefill(self, idx: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole prompt (B, T) in one forward pass, into cache slots 0..T-1. Returns (B, V), the
-        logits of the first new token: this pass is the time to first token."""
-        if idx.size(1) > self.cache_size:
-            raise ValueError(
-                f"a prompt of {idx.size(1)} tokens does not fit the KV cache ({self.cache_size})"
-            )
-        slots = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        return self.next_token_logits(idx, slots, padding, prefill=True)
-
-    def decode(self, next_id: torch.Tensor, slot: int, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per row, (B, 1), at cache slot `slot`: one position's work, attending to the slots
-        before it. Returns (B, V)."""
-        if slot >= self.cache_size:
-            raise ValueError(
-                f"slot {slot} is past the KV cache's {self.cache_size}; setup_cache() a larger one"
-            )
-        pos = torch.arange(slot, slot + 1, device=next_id.device)  # (1,): made on the device, no host sync
-        return self.next_token_logits(next_id, pos, padding)
+        return self.lm_head(self.hidden(idx)[:, -1, :])[:, : self.config.vocab_size]
 
     # --- the serving engine (engine.py) -------------------------------------------------------------------
 
-    def setup_kv_pool(self, num_blocks: int, block_size: int, dtype, device) -> list[PagedKVCache]:
-        """NEW: give every attention layer a pool of num_blocks blocks of block_size positions. Returns them,
-        one per layer: the engine's KV memory."""
+    def setup_kv_pool(self, num_blocks: int, kv_block_size: int, dtype, device) -> list[PagedKVCache]:
+        """NEW: give every attention layer a pool of num_blocks blocks of kv_block_size positions. Returns
+        them, one per layer: the engine's KV memory."""
         hs = self.config.n_embd // self.config.n_head
         for block in self.blocks:
-            block.attn.kv_pool = PagedKVCache(num_blocks, block_size, self.config.n_head, hs, dtype, device)
+            block.attn.kv_pool = PagedKVCache(
+                num_blocks, kv_block_size, self.config.n_head, hs, dtype, device
+            )
         return [block.attn.kv_pool for block in self.blocks]
 
     def step_logits(self, idx: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -471,13 +342,6 @@ class GPT(nn.Module):
         x = self.ln_f(x[0, batch.last])  # (sequences, C): only each sequence's last token goes on
         return self.lm_head(x)[:, : self.config.vocab_size]
 
-    def _activation_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype keys come out in, which the cache must hold: autocast's when it is on, else the
-        weights'."""
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return self.wte.weight.dtype
-
     @torch.no_grad()
     def generate_stream(
         self,
@@ -487,47 +351,15 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        use_cache: bool = True,
     ) -> Iterator[torch.Tensor]:
-        """Yield one new token per step, (B, 1) each. With use_cache, the prompt is prefilled once and
-        every step then computes one position; use_cache=False reruns the whole window every step."""
+        """Yield one new token per step, (B, 1) each, without any cache: every step reruns the whole window
+        (project 12's contiguous cache gives the same tokens; the engine serves with the paged one)."""
         sampling = (temperature, top_k, top_p, generator)
-        if use_cache:  # prefill once, then one position per step
-            yield from self._generate_cached(idx, max_new_tokens, None, sampling)
-            return
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size :]  # past the context, slide: keep the newest tokens
             next_id = sample_next_token(self.next_token_logits(window), *sampling)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
-
-    def _generate_cached(
-        self, idx: torch.Tensor, max_new_tokens: int, padding: torch.Tensor | None, sampling: tuple
-    ) -> Iterator[torch.Tensor]:
-        """Prefill the prompt, then decode one token per step into the next cache slot.
-
-        Past the context (block_size) the window slides, and with learned absolute positions every token
-        then moves to a new position: every cached key is stale. So once the cache is full, each step
-        re-prefills the newest window. That gives exactly the tokens of use_cache=False, at its speed: the
-        cache's speed-up ends at the context length."""
-        B, T = idx.shape
-        block_size = self.config.block_size
-        size = min(T + max_new_tokens, block_size)  # the prompt and every new token, up to the context
-        self.setup_cache(B, size, self._activation_dtype(idx.device), idx.device)
-        try:
-            for step in range(max_new_tokens):
-                if idx.size(1) > block_size:  # the cache is full: re-prefill the newest window
-                    slid = None if padding is None else (padding - (idx.size(1) - block_size)).clamp(min=0)
-                    logits = self.prefill(idx[:, -block_size:], slid)  # (B, V)
-                elif step == 0:
-                    logits = self.prefill(idx, padding)
-                else:  # the newest token goes into the next slot
-                    logits = self.decode(idx[:, -1:], idx.size(1) - 1, padding)
-                next_id = sample_next_token(logits, *sampling)  # (B, 1)
-                idx = torch.cat([idx, next_id], dim=1)
-                yield next_id
-        finally:
-            self.clear_cache()
 
 
 def sample_next_token(
