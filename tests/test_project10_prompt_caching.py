@@ -35,7 +35,7 @@ def bytes_per_block(model) -> int:
 
 
 def test_hits_misses_and_partial_hits_give_the_uncached_tokens(trained):
-    cache = PrefixCache(10**8, block_size=BLOCK)
+    cache = PrefixCache(10**8, kv_block_size=BLOCK)
     prompts = {
         "miss": SYSTEM + ids(7, 1),
         "partial hit: the shared prefix": SYSTEM + ids(9, 2),
@@ -53,7 +53,7 @@ def test_hits_misses_and_partial_hits_give_the_uncached_tokens(trained):
 
 
 def test_logits_equal_a_full_forward_pass(trained):
-    cache = PrefixCache(10**8, block_size=BLOCK)
+    cache = PrefixCache(10**8, kv_block_size=BLOCK)
     greedy(trained, SYSTEM + ids(5, 4), cache)  # fills the cache
     prompt = torch.tensor([SYSTEM + ids(11, 5)])
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_logits_equal_a_full_forward_pass(trained):
 
 
 def test_sampled_tokens_with_the_same_seed_are_the_same(trained):
-    cache = PrefixCache(10**8, block_size=BLOCK)
+    cache = PrefixCache(10**8, kv_block_size=BLOCK)
 
     def sample(prefix_cache):
         g = torch.Generator().manual_seed(3)
@@ -84,7 +84,7 @@ def test_sampled_tokens_with_the_same_seed_are_the_same(trained):
 
 
 def test_evictions_free_least_recently_used_leaves_and_outputs_stay_the_same(trained):
-    cache = PrefixCache(12 * bytes_per_block(trained), block_size=BLOCK)  # room for 12 blocks
+    cache = PrefixCache(12 * bytes_per_block(trained), kv_block_size=BLOCK)  # room for 12 blocks
     a, b, c = (ids(33, seed) for seed in (10, 11, 12))  # 8 full blocks each (the last token never cached)
     for prompt in (a, b, a, c, a):
         assert greedy(trained, prompt, cache, n=5) == greedy(trained, prompt, n=5)
@@ -96,7 +96,7 @@ def test_evictions_free_least_recently_used_leaves_and_outputs_stay_the_same(tra
 
 
 def test_a_block_in_use_is_never_evicted():
-    cache = PrefixCache(4 * 64, block_size=2)  # 4 blocks of 64 bytes
+    cache = PrefixCache(4 * 64, kv_block_size=2)  # 4 blocks of 64 bytes
     kv = lambda start, end: torch.zeros(16, dtype=torch.float32)  # noqa: E731 - 64 bytes per block
     cache.insert([1, 2, 3, 4, 5], kv)  # 2 blocks
     held = cache.match([1, 2, 3, 4, 5])
@@ -110,7 +110,7 @@ def test_a_block_in_use_is_never_evicted():
 
 
 def test_a_hash_collision_is_a_miss_not_another_prompts_keys(trained):
-    cache = PrefixCache(10**8, block_size=BLOCK, hash_fn=lambda parent, tokens: b"same")
+    cache = PrefixCache(10**8, kv_block_size=BLOCK, hash_fn=lambda parent, tokens: b"same")
     first, second = SYSTEM + ids(5, 7), ids(35, 8)
     greedy(trained, first, cache)
     assert greedy(trained, second, cache) == greedy(trained, second)

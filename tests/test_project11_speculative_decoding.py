@@ -76,7 +76,7 @@ def test_greedy_output_is_the_targets_own_token_for_token(target, drafts, name, 
 
 def test_with_the_prefix_cache_the_output_is_still_the_targets_own(target, drafts):
     """Project 10's cache gives the target's prefill (and the first token); the drafts start after it."""
-    cache = P.prefix_cache.PrefixCache(10**8, block_size=4)
+    cache = P.prefix_cache.PrefixCache(10**8, kv_block_size=4)
     prompt = prompt_of(target, 30, seed=5)
     expected = tokens(target.generate_stream(prompt, 30, temperature=0))
     for _ in range(2):  # a miss, then a hit on 28 of the prompt's 30 tokens

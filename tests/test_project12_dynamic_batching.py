@@ -284,7 +284,7 @@ def test_a_stop_token_ends_the_request_and_is_not_output(trained):
 
 
 def test_the_prefix_cache_changes_the_work_not_the_tokens(trained):
-    cache = P.prefix_cache.PrefixCache(10**8, block_size=4)
+    cache = P.prefix_cache.PrefixCache(10**8, kv_block_size=4)
     system = ids(30, 80)
     requests = [(step, system + ids(3 + step, 81 + step), 10 + step) for step in (0, 0, 3, 4, 12)]
     engine = Engine(trained, EngineConfig(max_num_seqs=3), prefix_cache=cache)

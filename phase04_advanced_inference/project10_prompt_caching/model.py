@@ -326,12 +326,12 @@ class GPT(nn.Module):
         tokens = idx[0].tolist()
         hits = prefix_cache.match(tokens)
         try:
-            n = len(hits) * prefix_cache.block_size  # tokens reused; at most T - 1
+            n = len(hits) * prefix_cache.kv_block_size  # tokens reused; at most T - 1
             if n == 0:
                 logits = self.prefill(idx)
             else:
-                for i, block in enumerate(hits):  # each (n_layer, 2, nh, block_size, hs)
-                    self.write_slots(i * prefix_cache.block_size, block.kv)
+                for i, block in enumerate(hits):  # each (n_layer, 2, nh, kv_block_size, hs)
+                    self.write_slots(i * prefix_cache.kv_block_size, block.kv)
                 slots = torch.arange(n, idx.size(1), device=idx.device)  # (T - n,): the suffix's slots
                 logits = self.next_token_logits(idx[:, n:], slots)  # attends to slots 0..n-1 as well
             prefix_cache.insert(tokens, self.read_slots)

@@ -192,8 +192,8 @@ class Engine:
         """Copy the longest cached prefix of a newly admitted sequence into its row: only the rest of the
         prompt is computed. Returns the blocks it holds until they are released."""
         held = self.prefix_cache.match(seq.token_ids)
-        size = self.prefix_cache.block_size
-        for i, block in enumerate(held):  # each (n_layer, 2, nh, block_size, hs)
+        size = self.prefix_cache.kv_block_size
+        for i, block in enumerate(held):  # each (n_layer, 2, nh, kv_block_size, hs)
             self.model.write_slots(i * size, block.kv, seq.row)
         seq.num_cached = seq.cached_tokens = len(held) * size
         return held

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-BLOCK_SIZE = 16  # tokens per block, vLLM's default: a hit shorter than a block is not worth its bookkeeping
+KV_BLOCK_SIZE = (
+    16  # tokens per block, vLLM's default: a hit shorter than a block is not worth its bookkeeping
+)
 
 
 def block_hash(parent: bytes, tokens: tuple[int, ...]) -> bytes:
@@ -31,7 +33,7 @@ class Block:
 
     key: bytes
     tokens: tuple[int, ...]
-    kv: torch.Tensor | None  # (n_layer, 2, nh, BLOCK_SIZE, hs): k and v; None at the root
+    kv: torch.Tensor | None  # (n_layer, 2, nh, KV_BLOCK_SIZE, hs): k and v; None at the root
     parent: "Block | None" = None
     children: dict[bytes, "Block"] = field(default_factory=dict)
     ref_count: int = 0  # requests using this block now; such a block is never evicted
@@ -42,12 +44,12 @@ class PrefixCache:
     def __init__(
         self,
         capacity_bytes: int,
-        block_size: int = BLOCK_SIZE,
+        kv_block_size: int = KV_BLOCK_SIZE,
         hash_fn: Callable[[bytes, tuple[int, ...]], bytes] = block_hash,
     ):
-        if block_size < 1:
-            raise ValueError(f"the block size must be at least 1 token, got {block_size}")
-        self.capacity_bytes, self.block_size, self.hash_fn = capacity_bytes, block_size, hash_fn
+        if kv_block_size < 1:
+            raise ValueError(f"the block size must be at least 1 token, got {kv_block_size}")
+        self.capacity_bytes, self.kv_block_size, self.hash_fn = capacity_bytes, kv_block_size, hash_fn
         self.root = Block(key=b"", tokens=(), kv=None)
         self.num_blocks = 0
         self.bytes_used = 0
@@ -61,8 +63,8 @@ class PrefixCache:
 
     def _blocks_of(self, tokens: list[int]) -> list[tuple[int, ...]]:
         """The full blocks of tokens; a trailing partial block is never cached."""
-        n = len(tokens) // self.block_size * self.block_size
-        return [tuple(tokens[i : i + self.block_size]) for i in range(0, n, self.block_size)]
+        n = len(tokens) // self.kv_block_size * self.kv_block_size
+        return [tuple(tokens[i : i + self.kv_block_size]) for i in range(0, n, self.kv_block_size)]
 
     def _child(self, node: Block, key: bytes, tokens: tuple[int, ...]) -> Block | None:
         child = node.children.get(key)
@@ -84,7 +86,7 @@ class PrefixCache:
             node = child
             path.append(child)
         self.queried_tokens += len(tokens)
-        self.hit_tokens += len(path) * self.block_size
+        self.hit_tokens += len(path) * self.kv_block_size
         return path
 
     def release(self, blocks: list[Block]) -> None:
@@ -103,7 +105,7 @@ class PrefixCache:
             if child is None:
                 if key in node.children:  # a collision with a different block: keep the one cached
                     break
-                kv = read_kv(i * self.block_size, (i + 1) * self.block_size).clone()
+                kv = read_kv(i * self.kv_block_size, (i + 1) * self.kv_block_size).clone()
                 node.ref_count += 1  # the path so far must survive the evictions that make room
                 fits = self._make_room(kv.numel() * kv.element_size())
                 node.ref_count -= 1
