@@ -116,7 +116,7 @@ def test_gptq_gives_the_column_by_column_algorithms_integers(bits, group_size):
     result: every integer equals the slow algorithm's."""
     w, X = _weights(N=16, K=256) * 0.05, _activations(0, K=256)
     H = 2 * X.t() @ X / len(X)
-    got = Q.gptq(w, H, bits, group_size, block_size=64)[0]
+    got = Q.gptq(w, H, bits, group_size, lazy_batch=64)[0]
     assert torch.equal(got.double(), _column_by_column_gptq(w, H, bits, group_size))
 
 

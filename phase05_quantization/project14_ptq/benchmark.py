@@ -34,16 +34,18 @@ from triton.testing import do_bench  # noqa: E402
 
 from checkpoint import checkpoint_exists  # noqa: E402
 from cli import (  # noqa: E402
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     exits_cleanly,
     pick_device,
     positive_int,
 )
+from config import PRESETS  # noqa: E402
 from kernels import int4_matmul  # noqa: E402
 from model import GPT  # noqa: E402
-from precision import DTYPES, check_dtype  # noqa: E402
 from quantization import block_linears, dequantize_int4, pack_int4, quantize_int4, quantize_model  # noqa: E402
 from quantize import (  # noqa: E402
     PROJECT01,
@@ -55,7 +57,6 @@ from quantize import (  # noqa: E402
     training_data,
 )
 from results import add_output_args, compare, print_table, row, time_it, write_report  # noqa: E402
-from train import PRESETS  # noqa: E402
 
 
 def headline(group_sizes: list[int]) -> int:

@@ -188,12 +188,13 @@ def gptq(
     hessian: torch.Tensor,
     bits: int,
     group_size: int | None = None,
-    block_size: int = 128,
+    lazy_batch: int = 128,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, ...]:
     """GPTQ (Frantar et al. 2022, Algorithm 1) for one layer: minimise ||W X - Q X||^2 over the calibration
     inputs X, whose Hessian is H = 2 X X^T (K, K). Returns the formats' tensors: (q, scales) for 8 bits,
-    per channel, and (q, scales, zeros) for 4 bits, in groups of group_size (None: one group per row)."""
+    per channel, and (q, scales, zeros) for 4 bits, in groups of group_size (None: one group per row).
+    lazy_batch: the columns rounded one by one before the columns after them are updated at once (B)."""
     W = weight.detach().float().clone()  # (N, K), updated as columns are rounded
     N, K = W.shape
     H = hessian.float().clone()
@@ -205,11 +206,11 @@ def gptq(
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     g = group_size if bits == 4 and group_size else K  # 8 bits: per channel, one group the whole row
-    block = g * max(1, block_size // g) if g < K else block_size  # a group never straddles two blocks
+    batch = g * max(1, lazy_batch // g) if g < K else lazy_batch  # a group never straddles two batches
     lo, hi = (0, INT4_MAX) if bits == 4 else (-INT8_MAX, INT8_MAX)
     q, scales, zeros = torch.zeros_like(W), [], []
-    for i1 in range(0, K, block):  # lazy batch updates: the columns after a block are updated once per block
-        i2 = min(i1 + block, K)
+    for i1 in range(0, K, batch):  # lazy batch updates: the columns after a batch are updated once per batch
+        i2 = min(i1 + batch, K)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if (i1 + i) % g == 0:  # a new group: its scale from the weights as updated so far
@@ -219,9 +220,9 @@ def gptq(
             w = W1[:, i]  # (N,)
             q[:, i1 + i] = qi = ((w / scale).round() + zero).clamp(lo, hi)  # this column, to nearest
             err = (w - (qi - zero) * scale) / Hinv1[i, i]  # (N,)
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # onto the block's later columns at once
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # onto the batch's later columns at once
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # and, once per block, onto every column after the block
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # and, once per batch, onto every column after the batch
     scales, zeros = torch.stack(scales, dim=1), torch.stack(zeros, dim=1)  # (N, G)
     if bits == 4:
         return q.to(torch.uint8), scales.half(), zeros.to(torch.uint8)
