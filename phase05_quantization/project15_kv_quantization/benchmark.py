@@ -25,21 +25,22 @@ from tqdm import tqdm
 
 from checkpoint import checkpoint_exists
 from cli import (
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     exits_cleanly,
     non_negative_int,
     pick_device,
     positive_float,
     positive_int,
 )
+from config import PRESETS
 from kv_quant import BITS, KVFormat, QuantizedKVCache, bytes_per_token, cache_bytes
 from model import GPT, KVCache
-from precision import DTYPES, check_dtype
 from quantize import PROJECT03, load_float_model, tensor_bytes, token_split, training_data
 from results import add_output_args, compare, print_table, row, time_it, write_report
-from train import PRESETS
 
 PLAIN = "plain cache (full precision)"
 

@@ -18,9 +18,11 @@ import torch
 
 from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     exits_cleanly,
     non_negative_int,
     pick_device,
@@ -32,7 +34,6 @@ from data import DATA_DIR
 from hf import load_gpt2
 from kv_quant import KVFormat
 from model import GPT
-from precision import DTYPES, check_dtype
 from quantize import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from tokenizer import GPT2Tokenizer
 

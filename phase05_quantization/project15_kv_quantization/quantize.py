@@ -42,11 +42,10 @@ from cli import (
     positive_float,
     positive_int,
 )
-from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file, read_text
+from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file, read_shards, read_text
 from hf import load_gpt2
 from model import GPT, GPTConfig
 from quantization import BITS, DEFAULT_GROUP_SIZE, METHODS, block_linears, check_format, quantize_model
-from shards import list_shards, read_shard
 from tokenizer import GPT2Tokenizer
 
 PROJECT03 = MODELS_DIR / "project03_pretrain"
@@ -122,14 +121,14 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
 
 
 def token_split(data: Path, split: str, chars: str | None = None) -> np.ndarray:
-    """The "train" or "val" tokens of a folder of shards (prepare.py), or of a text file split 90/10 as
+    """The "train" or "val" tokens of a folder of project 07's shards, or of a text file split 90/10 as
     train.py splits it; with `chars`, as project 01's character ids (project 01 splits the same way)."""
     if data.is_dir() and chars:
         raise UserError(
             f"{data} holds GPT-2 token shards; a character model reads a text file: pass --data FILE"
         )
     if data.is_dir():
-        return np.concatenate([read_shard(f) for f in list_shards(data, split)])
+        return read_shards(data, split)
     tokens = encode_text(data, chars)
     n = int(len(tokens) * 0.9)
     return tokens[:n] if split == "train" else tokens[n:]
