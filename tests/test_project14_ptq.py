@@ -258,7 +258,7 @@ def test_quantized_checkpoint_round_trips_bit_exact(method, float_ckpt, tmp_path
     spec["threshold"] = 6.0 if method == "int8-outlier" else None
     meta = {"tokenizer": config["tokenizer"], "training": config["training"], "quantization": spec}
     P.checkpoint.save_checkpoint(tmp_path / "q", model, meta)
-    again, _ = P.quantize.load_quantized(tmp_path / "q")
+    again, _ = P.loader.load_quantized(tmp_path / "q")
     want, got = model.state_dict(), again.state_dict()
     assert want.keys() == got.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
@@ -271,7 +271,7 @@ def test_generate_from_a_quantized_checkpoint(gptq_ckpt, float_ckpt):
     """generate.py reads the format from config.json and prints the quantized model's own greedy tokens."""
     flags = ["--checkpoint", gptq_ckpt, "--prompt", "ROMEO:", "--max-new-tokens", 12, "--temperature", 0]
     out = printed(P.generate, *flags, "--device", "cpu")
-    model, _ = P.quantize.load_quantized(gptq_ckpt)
+    model, _ = P.loader.load_quantized(gptq_ckpt)
     assert isinstance(model.blocks[0].mlp.fc, Q.Int4Linear)
     enc = P.tokenizer.gpt2_encoding()
     assert out == "ROMEO:" + enc.decode(greedy_ids(model, enc.encode_ordinary("ROMEO:"), 12)) + "\n"
@@ -281,9 +281,9 @@ def test_gptq_lowers_the_models_layer_error_against_rtn(float_ckpt, tiny_runs):
     """The whole model: on the checkpoint's own training text, GPTQ's Linear layers reproduce the float ones'
     outputs better than round-to-nearest's in the same format."""
     model, _ = P.checkpoint.load_checkpoint(float_ckpt)
-    tokens = P.quantize.token_split(tiny_runs.data(PROJECT), "train")
-    calibration = P.quantize.calibration_batch(tokens, 16, 32, seed=0)
-    held_out = P.quantize.calibration_batch(tokens, 4, 32, seed=1)
+    tokens = P.loader.token_split(tiny_runs.data(PROJECT), "train")
+    calibration = P.loader.calibration_batch(tokens, 16, 32, seed=0)
+    held_out = P.loader.calibration_batch(tokens, 4, 32, seed=1)
     names = [n for n, _ in Q.block_linears(model)]
     inputs = P.benchmark.layer_inputs(model, held_out, names)
     gptq = Q.quantize_model(copy.deepcopy(model), "gptq", 16, calibration=calibration)
@@ -341,7 +341,7 @@ def test_benchmark_group_sizes_that_do_not_fit_are_refused_before_measuring(floa
 
 def test_project01_checkpoint_gives_project01s_logits(char_ckpt):
     """Its tied, unpadded embedding is padded to this GPT's vocabulary; the model is otherwise the same."""
-    assert_gives_project01s_logits(P.quantize.load_float_model(char_ckpt, None, "cpu")[0], char_ckpt)
+    assert_gives_project01s_logits(P.loader.load_float_model(char_ckpt, None, "cpu")[0], char_ckpt)
 
 
 def test_character_text_splits_as_project01_splits_it(char_ckpt, tiny_runs):
@@ -349,8 +349,8 @@ def test_character_text_splits_as_project01_splits_it(char_ckpt, tiny_runs):
     p01 = load_project("project01_minimal_gpt").data
     chars = P.checkpoint.read_config(char_ckpt)["tokenizer"]["chars"]
     train, val = p01.train_val_split(torch.tensor(p01.CharTokenizer(chars).encode(p01.read_text(data))), 8)
-    assert P.quantize.token_split(data, "train", chars).tolist() == train.tolist()
-    assert P.quantize.token_split(data, "val", chars).tolist() == val.tolist()
+    assert P.loader.token_split(data, "train", chars).tolist() == train.tolist()
+    assert P.loader.token_split(data, "val", chars).tolist() == val.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +362,7 @@ def char_gptq_ckpt(char_ckpt, tmp_path_factory):
 
 
 def test_generate_from_a_quantized_character_model(char_gptq_ckpt):
-    model, config = P.quantize.load_quantized(char_gptq_ckpt)
+    model, config = P.loader.load_quantized(char_gptq_ckpt)
     assert isinstance(model.blocks[0].mlp.fc, Q.Int4Linear) and config["tokenizer"]["type"] == "char"
     text = printed(P.generate, "--checkpoint", char_gptq_ckpt, "--prompt", "ROMEO:", "--max-new-tokens", 12,
                    "--temperature", 0, "--device", "cpu")  # fmt: skip
@@ -411,7 +411,7 @@ def test_a_character_model_trained_on_project01s_default_calibrates_on_it(
     """Project 01 records no --data for its default, Tiny Shakespeare: GPTQ calibrates on that, not on this
     lineage's default shards."""
     ckpt = _edited_copy(char_ckpt, tmp_path, training__data=None)
-    monkeypatch.setattr(P.quantize, "TINY_SHAKESPEARE", tiny_runs.data("project01_minimal_gpt"))
+    monkeypatch.setattr(P.loader, "TINY_SHAKESPEARE", tiny_runs.data("project01_minimal_gpt"))
     out = tmp_path / "q"
     assert run_main(P.quantize, "--checkpoint", ckpt, "--group-size", 16, "--calibration-samples", 4,
                     "--device", "cpu", "--out", out) == 0  # fmt: skip

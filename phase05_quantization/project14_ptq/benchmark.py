@@ -45,9 +45,7 @@ from cli import (  # noqa: E402
 )
 from config import PRESETS  # noqa: E402
 from kernels import int4_matmul  # noqa: E402
-from model import GPT  # noqa: E402
-from quantization import block_linears, dequantize_int4, pack_int4, quantize_int4, quantize_model  # noqa: E402
-from quantize import (  # noqa: E402
+from loader import (  # noqa: E402
     PROJECT01,
     calibration_batch,
     layers_bytes,
@@ -56,6 +54,8 @@ from quantize import (  # noqa: E402
     token_split,
     training_data,
 )
+from model import GPT  # noqa: E402
+from quantization import block_linears, dequantize_int4, pack_int4, quantize_int4, quantize_model  # noqa: E402
 from results import add_output_args, compare, print_table, row, time_it, write_report  # noqa: E402
 
 
