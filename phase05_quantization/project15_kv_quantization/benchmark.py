@@ -38,8 +38,8 @@ from cli import (
 )
 from config import PRESETS
 from kv_quant import BITS, KVFormat, QuantizedKVCache, bytes_per_token, cache_bytes
+from loader import PROJECT03, load_float_model, tensor_bytes, token_split, training_data
 from model import GPT, KVCache
-from quantize import PROJECT03, load_float_model, tensor_bytes, token_split, training_data
 from results import add_output_args, compare, print_table, row, time_it, write_report
 
 PLAIN = "plain cache (full precision)"

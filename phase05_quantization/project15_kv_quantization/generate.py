@@ -33,8 +33,8 @@ from cli import (
 from data import DATA_DIR
 from hf import load_gpt2
 from kv_quant import KVFormat
+from loader import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from model import GPT
-from quantize import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from tokenizer import GPT2Tokenizer
 
 
