@@ -164,7 +164,7 @@ def test_qat_checkpoint_exports_to_project14s_integers(qat_ckpt, tmp_path, capsy
     # the exported model computes exactly what the fake-quantised one did
     fake, _ = P.checkpoint.load_checkpoint(qat_ckpt)
     P.qat.prepare_qat(fake, "int4", 16)
-    exported, _ = P.quantize.load_quantized(out)
+    exported, _ = P.loader.load_quantized(out)
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids)[0], fake(ids)[0], rtol=0, atol=1e-6)
@@ -176,7 +176,7 @@ def test_qat_checkpoint_exports_to_project14s_integers(qat_ckpt, tmp_path, capsy
 
 def test_plain_training_is_unchanged_by_the_new_flags(float_ckpt):
     training = json.loads((float_ckpt / "config.json").read_text())["training"]
-    assert not {"qat", "group_size", "init_from"} & training.keys()
+    assert not {"qat", "group_size"} & training.keys() and training["init_from"] is None
 
 
 @pytest.mark.parametrize(
@@ -214,8 +214,7 @@ def test_init_from_refuses_a_quantized_checkpoint(qat_ckpt, tmp_path, capsys):
 
 def test_init_from_project01_starts_from_its_weights(char_ckpt):
     config = json.loads((char_ckpt / "config.json").read_text())["model"]
-    model = P.model.GPT(P.model.GPTConfig(**config)).eval()
-    P.train.init_weights(model, char_ckpt)
+    model = P.loader.start_model(str(char_ckpt), P.model.GPTConfig(**config)).eval()
     assert_gives_project01s_logits(model, char_ckpt)
 
 
@@ -247,7 +246,7 @@ def test_benchmark_on_a_tiny_checkpoint(char_ckpt, tiny_runs, tmp_path):
     rows = read_report(tmp_path, PROJECT)
     value = lambda metric, variant: rows[(metric, variant)]["value"]
     assert value("qat_export_max_token_loss_diff", "exported vs fake-quantised") < 1e-5
-    assert value("perplexity", "int4 g16 RTN") > 0 and value("train_step_ms", "plain, 4 x 32 tokens") > 0
+    assert value("perplexity", "int4 g16 RTN") > 0 and value("train_step_ms", "plain, 8 x 32 tokens") > 0
     assert value("weight_mib", "int4 g16 QAT, exported") < value("weight_mib", "fp32")
     assert 0 < value("fake_quant_ms", "forward + backward, the 8 block weights")
 
@@ -270,7 +269,7 @@ def test_init_from_a_character_model_trained_on_project01s_default(
     config["training"]["data"] = None
     (ckpt / "config.json").write_text(json.dumps(config))
     text = tiny_runs.data("project01_minimal_gpt")
-    monkeypatch.setattr(P.quantize, "TINY_SHAKESPEARE", text)
+    monkeypatch.setattr(P.loader, "TINY_SHAKESPEARE", text)
     out = tmp_path / "run"
     flags = ["--init-from", ckpt, "--qat", "int4", "--group-size", 16, "--max-iters", 1]
     assert run_main(P.train, "--preset", "tiny", "--device", "cpu", *flags, "--out", out) == 0

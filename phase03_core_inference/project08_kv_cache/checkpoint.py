@@ -118,16 +118,6 @@ def _written_by_another_project(ckpt_dir: Path, config: dict, script: str = "gen
     return f"{ckpt_dir} holds a {project} checkpoint, which {PROJECT} cannot load; use: {use}"
 
 
-def read_run_config(ckpt_dir: Path, script: str) -> dict:
-    """config.json of a run of this project's train.py, which `script` (train.py --resume, benchmark.py)
-    reads the training settings of; another project's run is named, with its own script."""
-    config = read_config(ckpt_dir)
-    other = _written_by_another_project(find_checkpoint(Path(ckpt_dir)), config, script)
-    if other:
-        raise UserError(other)
-    return config
-
-
 def load_train_state(ckpt_dir: Path) -> dict:
     path = find_checkpoint(Path(ckpt_dir)) / "train_state.pt"
     if not path.exists():
@@ -171,8 +161,11 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, resumable: bool = True
         raise UserError(f"cannot write --out {out}: {unwritable(out)}")
     if out.exists() and not checkpoint_exists(out) and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not a checkpoint directory; choose a new or empty one")
-    if resume:
-        return read_run_config(out, "train.py")
+    if resume:  # only this project's run: another project's is named, with the train.py that resumes it
+        config = read_config(out)
+        if other := _written_by_another_project(find_checkpoint(out), config, "train.py"):
+            raise UserError(other)
+        return config
     if checkpoint_exists(out):
         if not overwrite:
             continue_it = "pass --resume to continue it or " if resumable else ""

@@ -1,9 +1,10 @@
 """The presets: a model shape and the short training run that suits it, in one place beside the model, and
 the flags that override them. train.py trains them; generate.py and benchmark.py read their shapes."""
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, replace
 
-from cli import fraction_below, non_negative_int, positive_float, positive_int
+from cli import add_config_flags, fraction_below, non_negative_int, override, positive_float, positive_int
 from model import GPTConfig
 
 
@@ -39,7 +40,7 @@ PRESETS = {
     ),
 }
 DEFAULT_PRESET = "gpt2"
-# How train.py's --attention computes attention (the first is the default): GPTConfig's switches.
+# How --attention computes attention (the first is the default): GPTConfig's switches.
 ATTENTION = {
     "triton": dict(flash=True, triton=True),  # our FlashAttention-2 kernels on CUDA (SDPA elsewhere)
     "sdpa": dict(flash=True, triton=False),  # PyTorch's fused scaled_dot_product_attention
@@ -56,3 +57,17 @@ TRAIN_FLAGS = {
     "seed": (non_negative_int, "random seed"),
 }
 FIXED_ON_RESUME = ("preset", "init_from", "data", "dtype", "dropout", "batch_size", "lr", "seed")  # exact
+
+
+def add_preset_flags(parser: argparse.ArgumentParser) -> None:
+    """--preset, --attention, and a flag for each preset value the command line may override."""
+    parser.add_argument("--preset", choices=PRESETS, default=None, help=f"sizes (default: {DEFAULT_PRESET})")
+    parser.add_argument("--attention", choices=ATTENTION, default=next(iter(ATTENTION)), help="see ATTENTION")
+    add_config_flags(parser, {name: mc for name, (mc, _) in PRESETS.items()}, MODEL_FLAGS)
+    add_config_flags(parser, {name: tc for name, (_, tc) in PRESETS.items()}, TRAIN_FLAGS)
+
+
+def with_flags(mc: GPTConfig, tc: TrainConfig, args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
+    """The configs with the values given on the command line."""
+    mc = replace(override(mc, args, MODEL_FLAGS), **ATTENTION[args.attention])
+    return mc, override(tc, args, TRAIN_FLAGS)

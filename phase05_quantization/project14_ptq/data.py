@@ -60,8 +60,7 @@ def read_shards(folder: Path, split: str) -> np.ndarray:
 
 
 def load_tokens(data: str | None, block_size: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(train tokens, held-out tokens, a description): a folder of shards (by default data/wikitext), or a
-    text file split 90/10."""
+    """(train, held-out tokens, what they are): a folder of shards (data/wikitext), or a text file, 90/10."""
     path = Path(data) if data else DEFAULT_SHARDS
     if path.is_dir() or data is None:
         train, val = read_shards(path, "train"), read_shards(path, "val")

@@ -8,7 +8,7 @@ python train.py --init-from gpt2 --data input.txt --lr 3e-5 --max-iters 200   # 
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,19 +18,17 @@ from checkpoint import DEFAULT_DIR, interrupted, prepare_out, restore_run, save_
 from cli import (
     ArgumentParser,
     UserError,
-    add_config_flags,
     add_device_args,
     autocast,
     command,
     exits_cleanly,
-    override,
     pick_device,
     pick_dtype,
     refuse_changes_on_resume,
     seed_everything,
     warn_if_slow,
 )
-from config import ATTENTION, DEFAULT_PRESET, FIXED_ON_RESUME, MODEL_FLAGS, PRESETS, TRAIN_FLAGS, TrainConfig
+from config import DEFAULT_PRESET, FIXED_ON_RESUME, PRESETS, TrainConfig, add_preset_flags, with_flags
 from data import DATA_DIR, get_batch, load_tokens
 from hf import load_gpt2
 from model import GPT, GPTConfig
@@ -80,16 +78,13 @@ def estimate_loss(model: GPT, tokens, tc: TrainConfig, dtype, device) -> float:
 
 def parse_args(argv):
     p = ArgumentParser(description="Train this project's GPT on one device, or GPT-2's weights further.")
-    p.add_argument("--preset", choices=PRESETS, default=None, help=f"sizes (default: {DEFAULT_PRESET})")
+    add_preset_flags(p)  # --preset, --attention and the flags that override a preset's values (config.py)
     p.add_argument("--data", type=Path, help="a text file, or project 07's shards (default: data/wikitext)")
     p.add_argument("--init-from", help="continue gpt2 (or gpt2-medium, ...) or a local Hugging Face folder")
     p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
-    p.add_argument("--attention", choices=ATTENTION, default=next(iter(ATTENTION)), help="see config.py")
     add_device_args(p)
-    add_config_flags(p, {name: mc for name, (mc, _) in PRESETS.items()}, MODEL_FLAGS)
-    add_config_flags(p, {name: tc for name, (_, tc) in PRESETS.items()}, TRAIN_FLAGS)
     args = p.parse_args(argv)
     args.data = args.data and str(args.data.resolve())  # recorded, so that --resume reads the same file
     args.out = args.out.resolve()  # "." has no name to build the temporary sibling directories from
@@ -110,9 +105,8 @@ def configure(args, device) -> tuple[GPTConfig, TrainConfig, dict]:
         mc, tc = GPTConfig(**saved["model"]), TrainConfig(**training["train_config"])
         if training["step"] >= (args.max_iters or tc.max_iters):
             raise UserError(f"the run in {args.out} is done at step {training['step']}: raise --max-iters")
-    mc = replace(override(mc, args, MODEL_FLAGS), **ATTENTION[args.attention])
     meta = {"tokenizer": {"type": "tiktoken", "name": "gpt2"}, "training": {"step": 0, **training}}
-    return mc, override(tc, args, TRAIN_FLAGS), meta
+    return *with_flags(mc, tc, args), meta
 
 
 @exits_cleanly

@@ -15,6 +15,8 @@ python benchmark.py --checkpoint data/models/mine --data input.txt --preset tiny
 import copy
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import train
 from checkpoint import checkpoint_exists, load_checkpoint
 from cli import (
     ArgumentParser,
@@ -34,9 +35,10 @@ from cli import (
     positive_float,
     positive_int,
 )
+from config import PRESETS
+from loader import PROJECT01, calibration_batch, load_float_model, tensor_bytes, token_split, training_data
 from qat import QATLinear, convert_qat, fake_quantize, prepare_qat
 from quantization import DEFAULT_GROUP_SIZE, check_format, quantize_model
-from quantize import PROJECT01, calibration_batch, load_float_model, tensor_bytes, token_split, training_data
 from results import add_output_args, compare, print_table, row, time_it, write_report
 
 
@@ -62,14 +64,15 @@ def token_losses(model, x: torch.Tensor, y: torch.Tensor, device, batch: int = 1
 
 
 def fine_tune(ckpt: Path, data: Path, args, out: Path, qat: bool) -> Path:
-    """train.py's own fine-tuning: N steps from the checkpoint, float or quantization-aware, same seed,
-    same batches, same learning rate."""
+    """train.py's own fine-tuning, run as a user runs it: N steps from the checkpoint, float or
+    quantization-aware, same seed, same batches, same learning rate."""
     flags = ["--init-from", ckpt, "--preset", args.preset, "--data", data, "--max-iters", args.steps,
              "--lr", args.lr, "--eval-interval", args.steps, "--eval-iters", 1, "--device", args.device,
-             "--precision", "fp32", "--out", out]  # fmt: skip
+             "--dtype", "float32", "--out", out]  # fmt: skip
     if qat:
         flags += ["--qat", "int4", "--group-size", args.group_size]
-    if train.main([str(f) for f in flags]) != 0:
+    script = Path(__file__).with_name("train.py")
+    if subprocess.run([sys.executable, str(script), *map(str, flags)]).returncode != 0:
         raise UserError(f"fine-tuning {'with' if qat else 'without'} QAT failed (see above)")
     return out
 
@@ -163,7 +166,7 @@ def step_time_rows(args, device) -> list[dict]:
     models = {"plain": load_float_model(ckpt, None, device)[0]}
     qat = f"QAT int4 g{args.group_size}"
     models[qat] = prepare_qat(load_float_model(ckpt, None, device)[0], "int4", args.group_size)
-    _, tc = train.PRESETS[args.preset]
+    _, tc = PRESETS[args.preset]
     T = models["plain"].config.block_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(models["plain"].config.vocab_size, (tc.batch_size, T + 1), generator=g).to(device)
@@ -215,7 +218,7 @@ def parse_args(argv):
     )
     p.add_argument("--steps", type=positive_int, default=100, help="fine-tuning steps, float and QAT alike")
     p.add_argument("--lr", type=positive_float, default=3e-5, help="fine-tuning learning rate, float and QAT")
-    p.add_argument("--preset", choices=list(train.PRESETS), default="cpu", help="train.py's batch sizes")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="train.py's batch sizes")
     p.add_argument(
         "--calibration-samples", type=positive_int, default=128, help="GPTQ's calibration sequences"
     )

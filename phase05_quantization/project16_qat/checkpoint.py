@@ -118,16 +118,6 @@ def _written_by_another_project(ckpt_dir: Path, config: dict, script: str = "gen
     return f"{ckpt_dir} holds a {project} checkpoint, which {PROJECT} cannot load; use: {use}"
 
 
-def read_run_config(ckpt_dir: Path, script: str) -> dict:
-    """config.json of a run of this project's train.py, which `script` (train.py --resume, benchmark.py)
-    reads the training settings of; another project's run is named, with its own script."""
-    config = read_config(ckpt_dir)
-    other = _written_by_another_project(find_checkpoint(Path(ckpt_dir)), config, script)
-    if other:
-        raise UserError(other)
-    return config
-
-
 def load_train_state(ckpt_dir: Path) -> dict:
     path = find_checkpoint(Path(ckpt_dir)) / "train_state.pt"
     if not path.exists():
@@ -171,8 +161,11 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, resumable: bool = True
         raise UserError(f"cannot write --out {out}: {unwritable(out)}")
     if out.exists() and not checkpoint_exists(out) and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not a checkpoint directory; choose a new or empty one")
-    if resume:
-        return read_run_config(out, "train.py")
+    if resume:  # only this project's run: another project's is named, with the train.py that resumes it
+        config = read_config(out)
+        if other := _written_by_another_project(find_checkpoint(out), config, "train.py"):
+            raise UserError(other)
+        return config
     if checkpoint_exists(out):
         if not overwrite:
             continue_it = "pass --resume to continue it or " if resumable else ""
@@ -182,11 +175,6 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, resumable: bool = True
             raise UserError(
                 f"{out} holds a {owner} checkpoint; --overwrite replaces only {PROJECT}'s own. "
                 "Delete it yourself if you mean to, or choose another --out"
-            )
-        for adapter in adapters_built_on(out):
-            print(
-                f"warning: the adapter in {adapter} was trained on the model in {out}; once this run "
-                "replaces that model the adapter no longer loads (its base fingerprint changes)"
             )
     return None
 
@@ -198,35 +186,28 @@ def _project_of(ckpt_dir: Path) -> str | None:
         return None  # unreadable: a torn checkpoint of unknown origin may be replaced
 
 
-def adapters_built_on(base_dir: Path) -> list[Path]:
-    """Checkpoints under data/models/ holding only an adapter (LoRA, project 05) for the model in base_dir."""
-    found = []
-    for config_file in sorted(MODELS_DIR.glob("*/config.json")):
-        try:
-            init_from = json.loads(config_file.read_text())["base"]["init_from"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if (config_file.parent / "adapter.safetensors").exists() and Path(init_from) == base_dir.resolve():
-            found.append(config_file.parent)
-    return found
-
-
-def rng_states() -> dict:
-    """The random streams a training step draws from (dropout): saved so that a resumed run repeats them."""
-    states = {"torch": torch.get_rng_state()}
+def save_run(out: Path, model: GPT, meta: dict, optimizer, batches: torch.Generator, metrics: list) -> None:
+    """A checkpoint that --resume continues exactly: the weights, the optimizer's moments, the batch order
+    (`batches`, the generator that draws them), dropout's random streams, and every step's metrics."""
+    rng = {"torch": torch.get_rng_state(), "batches": batches.get_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
+        rng["cuda"] = torch.cuda.get_rng_state()
+    state = {"step": metrics[-1]["step"], "optimizer": optimizer.state_dict(), "rng": rng}
+    log = "".join(json.dumps(m) + "\n" for m in metrics).encode()
+    save_checkpoint(out, model, meta, state, {"metrics.jsonl": log})
 
 
-def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def metrics_file(metrics: list[dict]) -> bytes:
-    return "".join(json.dumps(m) + "\n" for m in metrics).encode()
+def restore_run(out: Path, model: GPT, optimizer, batches: torch.Generator) -> tuple[int, list[dict]]:
+    """The inverse of save_run: afterwards the next steps compute exactly what an uninterrupted run would.
+    Returns the step the run reached and its metrics so far."""
+    load_weights(model, out)
+    state = load_train_state(out)
+    optimizer.load_state_dict(state["optimizer"])
+    batches.set_state(state["rng"]["batches"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["step"], read_metrics(out)
 
 
 def read_metrics(ckpt_dir: Path) -> list[dict]:

@@ -1,5 +1,5 @@
 """What every script shares: one-line errors (exit code 2), argparse types, flags that override a preset,
-device and dtype, seeding, and a memory check before a run allocates. The same file in every project."""
+device and dtype, and seeding. The same file in every project of the inference line."""
 
 import argparse
 import contextlib
@@ -166,8 +166,8 @@ def refuse_changes_on_resume(args: argparse.Namespace, recorded: dict, names: tu
     if changed:
         flags = ", ".join(changed)
         raise UserError(
-            f"{flags} cannot change when resuming: --resume continues the run exactly (--max-iters "
-            "and how often it evaluates may change)"
+            f"{flags} cannot change when resuming: --resume continues the run exactly, on the same data "
+            "(--max-iters and how often it evaluates may change)"
         )
 
 
@@ -212,10 +212,25 @@ def has_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if has_bf16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return DTYPES[name]
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a dtype the device cannot compute in, in one line, before any work."""
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not has_bf16(device):
+        raise UserError(f"this GPU has no {name} (it came with Ampere); use float16 or float32")
+    try:  # one small matmul and LayerNorm in that dtype, as a forward pass runs them
+        a = torch.ones(8, 8, device=device, dtype=dtype)
+        torch.nn.functional.layer_norm(a @ a, (8,)).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"{device.type} cannot compute in {name} here ({e})") from e
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -239,40 +254,11 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def warn_if_slow(device: torch.device, sized_for_a_gpu: bool) -> bool:
-    """Say, before the first step, that a run sized for a GPU will take hours on this CPU, and which preset
-    suits one. Returns whether to report the measured time after the first step (time_left)."""
-    slow = device.type == "cpu" and sized_for_a_gpu
-    if slow:
+def warn_if_slow(device: torch.device, sized_for_a_gpu: bool) -> None:
+    """Say, before the first step, that a run sized for a GPU takes hours on this CPU, and which preset suits
+    one (the progress bar then shows how long)."""
+    if device.type == "cpu" and sized_for_a_gpu:
         print(
             "warning: this run is sized for a GPU and takes hours on a CPU; --preset cpu is sized for a CPU "
             "(minutes), --preset tiny runs in seconds"
-        )
-    return slow
-
-
-def time_left(seconds_per_step: float, steps: int) -> str:
-    return f"measured {seconds_per_step:.1f} s/step: about {seconds_per_step * steps / 3600:.1f} hours to go"
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes the device can still hand out, or None where we cannot tell."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:  # Linux: what the kernel could give without swapping
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), 0)
-    return kib * 1024 or None
-
-
-def check_memory(need_bytes: float, device: torch.device, what: str) -> None:
-    """Refuse, in one line, work that cannot fit, instead of being killed by the kernel part way in.
-    `need_bytes` is a lower bound: a run refused here could never have finished."""
-    free = free_memory(device)
-    if device.type in ("cpu", "cuda") and free is not None and need_bytes > free:
-        raise UserError(
-            f"{what} needs at least {need_bytes / 2**30:.1f} GiB, but the {device.type} has "
-            f"{free / 2**30:.1f} GiB free; use a smaller --batch-size"
         )

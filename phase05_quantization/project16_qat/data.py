@@ -1,17 +1,19 @@
-"""Pre-training data: documents as GPT-2 tokens, and batch loaders over token shards (prepare.py) or over a
-small local text file."""
+"""The short training loop's data: a UTF-8 text file as GPT-2 tokens (the first 90% to train on, the rest held
+out), or the token shards that project 07's prepare.py writes (its train and val files); and random windows
+of them, drawn by a generator that a checkpoint saves, so that --resume draws what an unbroken run would."""
 
 import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cli import REPO_ROOT, UserError
-from shards import ShardLoader, TokenLoader, list_shards
 from tokenizer import EOT, gpt2_encoding
 
 DATA_DIR = REPO_ROOT / "data"
-DEFAULT_SHARDS = DATA_DIR / "wikitext"
+DEFAULT_SHARDS = DATA_DIR / "wikitext"  # where project 07's prepare.py writes WikiText-103's shards
+SHARD_MAGIC, SHARD_HEADER_INTS = 20240520, 256  # prepare.py's (llm.c's) shard: 256 int32s, then uint16 tokens
 
 
 def read_text(path: str | Path) -> str:
@@ -30,51 +32,53 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def tokenize(doc: str) -> np.ndarray:
-    """One document -> [<|endoftext|>, its tokens...] as uint16: the separator before every document teaches
-    the model where one starts. encode_ordinary treats a literal "<|endoftext|>" in the text as plain text,
-    so no document can forge a separator."""
-    return np.array([EOT, *gpt2_encoding().encode_ordinary(doc)], dtype=np.uint16)
-
-
-def split_documents(text: str, one_document: bool = False) -> list[str]:
-    """Blocks of text between blank lines (the blank lines themselves dropped), or the whole text as one."""
-    # A separator is a line break followed by one or more whitespace-only lines; the indentation of the
-    # next document's first line stays with it.
-    docs = [text] if one_document else re.split(r"\n(?:[^\S\n]*\n)+", text)
-    return [d for d in docs if d.strip()]
-
-
 def encode_text_file(path: Path) -> np.ndarray:
-    """A small text file, tokenized in this process as prepare.py would: documents between blank lines, each
-    after an <|endoftext|>."""
-    return np.concatenate([tokenize(doc) for doc in split_documents(read_text(path))])
+    """A text file as prepare.py tokenizes it: documents between blank lines, each after an <|endoftext|>
+    (encode_ordinary reads a literal "<|endoftext|>" in the text as plain text, so none is forged)."""
+    docs = [d for d in re.split(r"\n(?:[^\S\n]*\n)+", read_text(path)) if d.strip()]
+    if not docs:
+        raise UserError(f"data file {path} holds only whitespace")
+    enc = gpt2_encoding()
+    return np.concatenate([np.array([EOT, *enc.encode_ordinary(doc)], dtype=np.uint16) for doc in docs])
 
 
-def make_loaders(data: str | Path | None, batch_size: int, block_size: int, d, encode=encode_text_file):
-    """The training loader for this rank, a factory of fresh validation loaders (so every evaluation
-    reads the same batches), and a description. `data`: a folder of shards from prepare.py (default:
-    data/wikitext), or a text file, tokenized here by `encode` (NEW: GPT-2's, or characters) and split
-    90/10."""
-    path = Path(data) if data is not None else DEFAULT_SHARDS
+def read_shards(folder: Path, split: str) -> np.ndarray:
+    """Every `split` shard in folder, in index order, as one array in memory: the sets trained here (up to
+    WikiText-103's 120M tokens) fit, and project 07's loader streams the larger ones."""
+    files = sorted(folder.glob(f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
+    if not files:
+        raise UserError(f"no {split} shards (NAME_{split}_000000.bin, ...) in {folder}; "
+                        "write them with project 07's prepare.py, or pass --data FILE")  # fmt: skip
+    parts = []
+    for f in files:
+        header = np.fromfile(f, dtype="<i4", count=SHARD_HEADER_INTS)
+        tokens = np.fromfile(f, dtype="<u2", offset=4 * SHARD_HEADER_INTS)
+        if len(header) < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[2] != len(tokens):
+            raise UserError(f"{f} is not a complete token shard of prepare.py's (truncated by a copy?)")
+        parts.append(tokens)
+    return np.concatenate(parts)
+
+
+def load_tokens(
+    data: str | None, block_size: int, encode=encode_text_file
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train, held-out tokens, what they are): a folder of shards (data/wikitext), or a text file, 90/10,
+    tokenized by `encode` (NEW: GPT-2's, or project 01's characters)."""
+    path = Path(data) if data else DEFAULT_SHARDS
     if path.is_dir() or data is None:
-        if not path.is_dir():
-            raise UserError(f"no token shards in {path}; make them first: python prepare.py "
-                            "(WikiText-103), or pass --data FILE")  # fmt: skip
-        train_files, val_files = list_shards(path, "train"), list_shards(path, "val")
-        train = ShardLoader(train_files, batch_size, block_size, d.rank, d.world_size)
+        train, val = read_shards(path, "train"), read_shards(path, "val")
+    else:
+        tokens = encode(path)
+        train, val = tokens[: int(len(tokens) * 0.9)], tokens[int(len(tokens) * 0.9) :]
+    for split, tokens in (("training", train), ("held-out", val)):
+        if len(tokens) <= block_size:
+            raise UserError(f"{path}'s {split} split has {len(tokens):,} tokens, not more than one context "
+                            f"({block_size}); use more text")  # fmt: skip
+    return train, val, f"{len(train):,} + {len(val):,} held-out tokens from {path.name}"
 
-        def make_val():
-            return ShardLoader(val_files, batch_size, block_size, d.rank, d.world_size)
 
-        make_val()  # checks now that the validation shards are large enough, before any training
-        return train, make_val, f"{len(train_files)} train + {len(val_files)} val shards in {path}"
-    tokens = encode(path)
-    n = int(len(tokens) * 0.9)
-    train = TokenLoader(tokens[:n], batch_size, block_size, d.rank, d.world_size)
-
-    def make_val():
-        return TokenLoader(tokens[n:], batch_size, block_size, d.rank, d.world_size)
-
-    make_val()
-    return train, make_val, f"{len(tokens):,} tokens from {path.name} (90% train)"
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator, device):
+    """batch_size windows of block_size tokens at random places, and the same shifted by one: (B, T) each."""
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()
+    rows = torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
+    return rows[:, :-1].to(device), rows[:, 1:].to(device)

@@ -17,9 +17,11 @@ import torch
 
 from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
+    DTYPES,
     ArgumentParser,
     UserError,
     add_device_args,
+    check_dtype,
     exits_cleanly,
     non_negative_int,
     pick_device,
@@ -29,9 +31,8 @@ from cli import (
 )
 from data import DATA_DIR
 from hf import load_gpt2
+from loader import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from model import GPT
-from precision import DTYPES, check_dtype
-from quantize import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from tokenizer import GPT2Tokenizer
 
 

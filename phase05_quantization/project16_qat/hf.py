@@ -18,13 +18,15 @@ Shapes in comments: C = n_embd, V = vocab_size, Vp = padded_vocab_size.
 
 import json
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cli import PROJECT, REPO_ROOT, ArgumentParser, UserError, exits_cleanly, unwritable
+from checkpoint import DEFAULT_DIR, load_checkpoint
+from cli import ArgumentParser, UserError, exits_cleanly, unwritable
 from model import GPT, GPTConfig
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
@@ -36,6 +38,7 @@ RENAMES = {
     ".mlp.c_fc.": ".mlp.fc.",
     ".mlp.c_proj.": ".mlp.proj.",
 }
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # what a GPT-2 checkpoint fixes
 CONV1D_WEIGHTS = (".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc.weight", ".mlp.proj.weight")  # our names
 
 
@@ -153,8 +156,9 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return hf_sd
 
 
-def load_hf_dir(path: str | Path) -> GPT:
-    """A local HF GPT-2 folder: config.json plus model.safetensors or (older) pytorch_model.bin."""
+def load_hf_dir(path: str | Path, like: GPTConfig | None = None) -> GPT:
+    """A local HF GPT-2 folder: config.json plus model.safetensors or (older) pytorch_model.bin. With `like`,
+    the model has GPT-2's shape and like's other settings (dropout, how attention is computed)."""
     path = Path(path)
     st_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
     if not (path / "config.json").is_file() or not (st_file.is_file() or bin_file.is_file()):
@@ -167,6 +171,8 @@ def load_hf_dir(path: str | Path) -> GPT:
                 "for this project's checkpoints use --checkpoint"
             )
         config = config_from_hf(raw_config)
+        if like is not None:
+            config = replace(like, **{field: getattr(config, field) for field in SHAPE})
         if st_file.is_file():
             hf_sd = load_file(st_file)
         else:  # weights_only: a .bin is a pickle, and a full unpickle could run any code
@@ -192,10 +198,10 @@ def save_hf_dir(model: GPT, path: str | Path) -> None:
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
 
 
-def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None) -> GPT:
-    """A local HF GPT-2 folder, or one of GPT2_MODELS, downloaded once from the Hugging Face Hub."""
+def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None, like: GPTConfig | None = None) -> GPT:
+    """A local HF GPT-2 folder, or one of GPT2_MODELS downloaded once from the Hub (`like`: load_hf_dir's)."""
     if Path(name_or_path).is_dir():
-        return load_hf_dir(name_or_path)
+        return load_hf_dir(name_or_path, like)
     if name_or_path not in GPT2_MODELS:
         raise UserError(f"{name_or_path!r} is neither a local folder nor one of {', '.join(GPT2_MODELS)}")
     from huggingface_hub import snapshot_download  # imported here: only this path needs the Hub
@@ -210,16 +216,13 @@ def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None) -> GPT:
             f"could not download {repo_id} from the Hugging Face Hub ({type(e).__name__}: {e}); "
             "pass a local folder with config.json and model.safetensors instead"
         ) from e
-    return load_hf_dir(folder)
+    return load_hf_dir(folder, like)
 
 
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
-    from checkpoint import load_checkpoint  # here, not at the top: checkpoint.py imports this module later on
-
     p = ArgumentParser(description="Export a checkpoint of this project to Hugging Face's GPT-2 format.")
-    p.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "data" / "models" / PROJECT,
-                   help="a checkpoint written by train.py")  # fmt: skip
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
     p.add_argument("--out", type=Path, required=True, help="folder for config.json and model.safetensors")
     args = p.parse_args(argv)
     if unwritable(args.out) or args.out.exists() and any(args.out.iterdir()):

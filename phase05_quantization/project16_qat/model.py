@@ -198,11 +198,10 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
-        padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the mean loss.
-        input_pos, padding: the cached path (see hidden)."""
-        x = self.hidden(idx, input_pos, padding)  # (B, T, C)
+        input_pos: the cached path (see hidden)."""
+        x = self.hidden(idx, input_pos)  # (B, T, C)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): the vocabulary's padding dropped
         loss = None
         if targets is not None:
@@ -212,17 +211,13 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden(
-        self,
-        idx: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        padding: torch.Tensor | None = None,
-        prefill: bool = False,
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, prefill: bool = False
     ) -> torch.Tensor:
         """The last layer's normalised output at every position: (B, T) token ids -> (B, T, C).
 
         With input_pos (T,), after setup_cache(), idx holds the tokens at those cache slots, and they
-        attend to every slot written so far. padding (B,): how many slots of each row are left padding.
-        prefill: input_pos is 0..T-1, so the tokens need see only each other."""
+        attend to every slot written so far. prefill: input_pos is 0..T-1, so the tokens need see only each
+        other."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -231,22 +226,18 @@ class GPT(nn.Module):
                 )
             pos, mask = torch.arange(T, device=idx.device), None  # (T,); attention masks causally itself
         else:
-            pos, mask = self._cached_positions(input_pos, padding, prefill)
+            pos, mask = input_pos, self._cached_mask(input_pos, prefill)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C); positions broadcast over the batch
         for block in self.blocks:
             x = block(x, input_pos, mask)
         return self.ln_f(x)
 
     def next_token_logits(
-        self,
-        idx: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        padding: torch.Tensor | None = None,
-        prefill: bool = False,
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, prefill: bool = False
     ) -> torch.Tensor:
         """(B, V): the logits of the token after idx's last. Only the last position goes through lm_head (at
         GPT-2's 50,257 tokens that is the largest matmul of a step)."""
-        x = self.hidden(idx, input_pos, padding, prefill)[:, -1, :]  # (B, C)
+        x = self.hidden(idx, input_pos, prefill)[:, -1, :]  # (B, C)
         return self.lm_head(x)[:, : self.config.vocab_size]
 
     # --- the KV cache --------------------------------------------------------------------------------------
@@ -278,23 +269,15 @@ class GPT(nn.Module):
             raise ValueError("no KV cache: call setup_cache() first")
         return cache.k_cache.size(2)
 
-    def _cached_positions(self, input_pos: torch.Tensor, padding: torch.Tensor | None, prefill: bool):
-        """For tokens at cache slots input_pos (T,): their positions, (T,) or (B, T) when rows are left
-        padded, and the slots each one may see, (T, S) or (B, 1, T, S)."""
-        if prefill and padding is None:  # slots 0..T-1 see only each other: causal attention, no mask,
-            return input_pos, None  # so through the Triton kernels on a GPU
+    def _cached_mask(self, input_pos: torch.Tensor, prefill: bool) -> torch.Tensor | None:
+        """The slots that tokens at cache slots input_pos (T,) may see, (T, S); None for a prefill, whose
+        slots 0..T-1 see only each other."""
+        if prefill:  # the prompt's own keys, causally: no mask, so the Triton kernels can take it
+            return None
         slots = torch.arange(self.cache_size, device=input_pos.device)  # (S,)
-        mask = slots <= input_pos[:, None]  # (T, S): causal; unwritten slots all lie ahead, so hidden too
-        if padding is None:
-            return input_pos, mask
-        # Row b's prompt starts at slot padding[b]: its positions count from there, and its padding slots are
-        # hidden from every query but their own (a query that sees nothing would make a NaN).
-        pos = (input_pos - padding[:, None]).clamp(min=0)  # (B, T)
-        real = slots >= padding[:, None]  # (B, S)
-        mask = mask & (real[:, None, :] | (slots == input_pos[:, None]))  # (B, T, S)
-        return pos, mask[:, None]  # (B, 1, T, S): the same for every head
+        return slots <= input_pos[:, None]  # (T, S): causal; unwritten slots all lie ahead, so hidden too
 
-    def prefill(self, idx: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """The whole prompt (B, T) in one forward pass, into cache slots 0..T-1. Returns (B, V), the
         logits of the first new token: this pass is the time to first token."""
         if idx.size(1) > self.cache_size:
@@ -302,9 +285,9 @@ class GPT(nn.Module):
                 f"a prompt of {idx.size(1)} tokens does not fit the KV cache ({self.cache_size})"
             )
         slots = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        return self.next_token_logits(idx, slots, padding, prefill=True)
+        return self.next_token_logits(idx, slots, prefill=True)
 
-    def decode(self, next_id: torch.Tensor, slot: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, next_id: torch.Tensor, slot: int) -> torch.Tensor:
         """One token per row, (B, 1), at cache slot `slot`: one position's work, attending to the slots
         before it. Returns (B, V)."""
         if slot >= self.cache_size:
@@ -312,7 +295,7 @@ class GPT(nn.Module):
                 f"slot {slot} is past the KV cache's {self.cache_size}; setup_cache() a larger one"
             )
         pos = torch.arange(slot, slot + 1, device=next_id.device)  # (1,): made on the device, no host sync
-        return self.next_token_logits(next_id, pos, padding)
+        return self.next_token_logits(next_id, pos)
 
     def _activation_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype keys come out in, which the cache must hold: autocast's when it is on, else the
@@ -336,7 +319,7 @@ class GPT(nn.Module):
         every step then computes one position; use_cache=False reruns the whole window every step."""
         sampling = (temperature, top_k, top_p, generator)
         if use_cache:  # prefill once, then one position per step
-            yield from self._generate_cached(idx, max_new_tokens, None, sampling)
+            yield from self._generate_cached(idx, max_new_tokens, sampling)
             return
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size :]  # past the context, slide: keep the newest tokens
@@ -345,7 +328,7 @@ class GPT(nn.Module):
             yield next_id
 
     def _generate_cached(
-        self, idx: torch.Tensor, max_new_tokens: int, padding: torch.Tensor | None, sampling: tuple
+        self, idx: torch.Tensor, max_new_tokens: int, sampling: tuple
     ) -> Iterator[torch.Tensor]:
         """Prefill the prompt, then decode one token per step into the next cache slot.
 
@@ -360,12 +343,11 @@ class GPT(nn.Module):
         try:
             for step in range(max_new_tokens):
                 if idx.size(1) > block_size:  # the cache is full: re-prefill the newest window
-                    slid = None if padding is None else (padding - (idx.size(1) - block_size)).clamp(min=0)
-                    logits = self.prefill(idx[:, -block_size:], slid)  # (B, V)
+                    logits = self.prefill(idx[:, -block_size:])  # (B, V)
                 elif step == 0:
-                    logits = self.prefill(idx, padding)
+                    logits = self.prefill(idx)
                 else:  # the newest token goes into the next slot
-                    logits = self.decode(idx[:, -1:], idx.size(1) - 1, padding)
+                    logits = self.decode(idx[:, -1:], idx.size(1) - 1)
                 next_id = sample_next_token(logits, *sampling)  # (B, 1)
                 idx = torch.cat([idx, next_id], dim=1)
                 yield next_id

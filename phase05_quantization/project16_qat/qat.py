@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cli import UserError
+from model import GPT, GPTConfig
 from quantization import (
+    DEFAULT_GROUP_SIZE,
     INT4_MAX,
     INT8_MAX,
     block_linears,
@@ -94,6 +97,22 @@ def prepare_qat(model: nn.Module, qat: str, group_size: int | None) -> nn.Module
             QATLinear(linear, bits, group_size),
         )
     return model
+
+
+def qat_spec(qat: str | None, group_size: int | None, config: GPTConfig) -> dict:
+    """What train.py --qat records, {"qat": format, "group_size": g}, checked against the model's widths
+    before any work; {} without --qat."""
+    if qat != "int4" and group_size:
+        raise UserError("--group-size applies to --qat int4; int8 has one scale per output channel")
+    if qat is None:
+        return {}
+    group_size = (group_size or DEFAULT_GROUP_SIZE) if qat == "int4" else None
+    try:
+        with torch.device("meta"):  # the layers' shapes only, nothing allocated
+            prepare_qat(GPT(config), qat, group_size)
+    except ValueError as e:
+        raise UserError(f"--group-size: {e}") from e
+    return {"qat": qat, "group_size": group_size}
 
 
 def convert_qat(model: nn.Module) -> nn.Module:

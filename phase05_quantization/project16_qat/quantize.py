@@ -9,7 +9,7 @@ python generate.py --checkpoint data/models/p14-int8  # generate.py reads the fo
 
 The checkpoint is a directory like train.py's: model.safetensors holds the integer tensors (int8, or int4
 packed two per byte as uint8), their fp16 scales and uint8 zero points, and every layer left in floating
-point; config.json records the format under "quantization".
+point; config.json records the format under "quantization" (loader.py reads it back).
 
 It also reads project 01's character model (--checkpoint data/models/project01_minimal_gpt), whose weights
 are nearly all in the blocks that quantization rounds: the model benchmark.py measures on.
@@ -18,21 +18,7 @@ are nearly all in the blocks that quantization rounds: the model benchmark.py me
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-from checkpoint import (
-    DEFAULT_DIR,
-    MODELS_DIR,
-    find_checkpoint,
-    load_checkpoint,
-    load_weights,
-    prepare_out,
-    read_config,
-    save_checkpoint,
-)
+from checkpoint import DEFAULT_DIR, prepare_out, save_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -43,16 +29,8 @@ from cli import (
     positive_float,
     positive_int,
 )
-from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file, read_text
-from hf import load_gpt2
-from model import GPT, GPTConfig
+from loader import PROJECT03, calibration_batch, layers_bytes, load_float_model, token_split, training_data
 from quantization import BITS, DEFAULT_GROUP_SIZE, METHODS, block_linears, check_format, quantize_model
-from shards import list_shards, read_shard
-from tokenizer import GPT2Tokenizer
-
-PROJECT03 = MODELS_DIR / "project03_pretrain"
-PROJECT01 = MODELS_DIR / "project01_minimal_gpt"  # the benchmark's model: its weights are in its blocks
-TINY_SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"  # what project 01 trains on by default
 
 
 def parse_args(argv):
@@ -108,145 +86,6 @@ def qat_note(training: dict, spec: dict) -> str | None:
     return f"note: this checkpoint was trained with QAT for {flags}; other formats lose what QAT learned"
 
 
-def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[GPT, dict]:
-    """The model to quantize and the metadata its quantized checkpoint keeps (tokenizer, training)."""
-    if init_from:
-        model = load_gpt2(init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
-        return model, {
-            "tokenizer": {"type": "tiktoken", "name": "gpt2"},
-            "training": {"init_from": init_from},
-        }
-    config = read_config(checkpoint, tokenizer=tokenizer_kind(checkpoint))
-    if "quantization" in config:
-        raise UserError(f"{checkpoint} is already quantized ({config['quantization']['method']}); "
-                        "quantize the checkpoint it was made from")  # fmt: skip
-    if config["project"] == PROJECT01.name:  # its layout (a QAT run of it keeps characters, not its layout)
-        try:
-            model = GPT(GPTConfig(**config["model"]))
-        except (TypeError, ValueError, AssertionError) as e:
-            raise UserError(
-                f"checkpoint {checkpoint} has a model config this project cannot read ({e})"
-            ) from e
-        load_project01_weights(model, checkpoint)
-        model = model.to(device).eval()
-    else:
-        model, config = load_checkpoint(checkpoint, device)
-    return model, {"tokenizer": config["tokenizer"], "training": config["training"]}
-
-
-def token_split(data: Path, split: str, chars: str | None = None) -> np.ndarray:
-    """The "train" or "val" tokens of a folder of shards (prepare.py), or of a text file split 90/10 as
-    train.py splits it; with `chars`, as project 01's character ids (project 01 splits the same way)."""
-    if data.is_dir() and chars:
-        raise UserError(
-            f"{data} holds GPT-2 token shards; a character model reads a text file: pass --data FILE"
-        )
-    if data.is_dir():
-        return np.concatenate([read_shard(f) for f in list_shards(data, split)])
-    tokens = encode_text(data, chars)
-    n = int(len(tokens) * 0.9)
-    return tokens[:n] if split == "train" else tokens[n:]
-
-
-# --- project 01's character model: nearly all of its weights are in the blocks that quantization touches ---
-
-
-class CharTokenizer:
-    """Project 01's tokenizer: one id per character of the model's training text."""
-
-    def __init__(self, chars: str):
-        self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
-
-    def encode(self, text: str) -> list[int]:
-        unknown = sorted(set(text) - self.ids.keys())
-        if unknown:
-            shown = " ".join(repr(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise UserError(f"characters outside the model's {len(self.chars)}-character vocabulary: {shown}")
-        return [self.ids[c] for c in text]
-
-    def id_to_bytes(self, token_id: int) -> bytes:
-        return self.chars[token_id].encode()
-
-
-def encode_text(path: Path, chars: str | None) -> np.ndarray:
-    """A text file's token ids: GPT-2's, as train.py reads the file, or project 01's characters."""
-    if chars is None:
-        return encode_text_file(path)
-    try:
-        return np.array(CharTokenizer(chars).encode(read_text(path)), dtype=np.uint16)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from e
-
-
-def tokenizer_kind(ckpt_dir: Path) -> str:
-    """The tokenizer to require of a checkpoint (read_config refuses any other, naming the project that wrote
-    it): project 01's characters if it has them, else GPT-2's."""
-    return "char" if read_config(ckpt_dir)["tokenizer"].get("type") == "char" else "tiktoken"
-
-
-Tokenizer = GPT2Tokenizer | CharTokenizer  # what generate.py encodes prompts and decodes tokens with
-
-
-def tokenizer_for(spec: dict) -> Tokenizer:
-    """The tokenizer a checkpoint's config.json names."""
-    return CharTokenizer(spec["chars"]) if spec["type"] == "char" else GPT2Tokenizer()
-
-
-def load_project01_weights(model: GPT, ckpt_dir: Path) -> None:
-    """Project 01 keeps its tied embedding once, as lm_head, with one row per character; this GPT pads the
-    vocabulary to a multiple of 64 rows. The padding rows stay zero: their logits are sliced off before any
-    softmax. The rest of the model is the same (tested: the same logits)."""
-    path = find_checkpoint(ckpt_dir) / "model.safetensors"
-    try:
-        state = load_file(path)
-        head = state.pop("lm_head.weight")  # (vocab_size, C)
-        padded = head.new_zeros(model.lm_head.weight.shape)  # (padded vocab, C)
-        padded[: len(head)] = head
-        model.load_state_dict({**state, "wte.weight": padded, "lm_head.weight": padded}, strict=True)
-    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path.parent} is corrupt or does not match its config ({reason})") from e
-
-
-def training_data(data: Path | None, meta: dict) -> Path:
-    """--data, else what the checkpoint was trained on (train.py records it; None means its default: this
-    lineage's shards, or Tiny Shakespeare for project 01's character model)."""
-    if data is not None:
-        return data
-    recorded = meta["training"].get("data")
-    if recorded is None and "preset" not in meta["training"]:  # GPT-2's weights: no train.py run recorded
-        raise UserError("GPT-2's weights come without their training data: pass --data FILE for calibration")
-    data = Path(recorded or (TINY_SHAKESPEARE if meta["tokenizer"].get("type") == "char" else DEFAULT_SHARDS))
-    if not data.exists():
-        raise UserError(f"the checkpoint was trained on {data}, which is not here: pass --data FILE")
-    return data
-
-
-def calibration_batch(tokens: np.ndarray, samples: int, length: int, seed: int) -> torch.Tensor:
-    """(samples, length) token ids from random windows of the training split, as GPTQ draws its 128
-    calibration sequences from random places in C4."""
-    if len(tokens) < length:
-        raise UserError(
-            f"the calibration data has {len(tokens)} tokens, fewer than one {length}-token window"
-        )
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - length + 1, (samples,), generator=g).tolist()
-    return torch.stack([torch.from_numpy(tokens[s : s + length].astype(np.int64)) for s in starts])
-
-
-def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer, a tied tensor counted once."""
-    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def layers_bytes(model: GPT, names: list[str]) -> int:
-    """Bytes of the named Linear layers' weights, whatever they have become: the matrix, or its integers
-    with their scales and zero points. Biases are left out: every format keeps them in floating point."""
-    layers = [model.blocks.get_submodule(name) for name in names]
-    return sum(t.numel() * t.element_size() for m in layers for n, t in m.state_dict().items() if n != "bias")
-
-
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -256,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--out is the checkpoint being quantized; write the quantized one elsewhere")
     prepare_out(args.out, resume=False, overwrite=args.overwrite, resumable=False)
     model, meta = load_float_model(args.checkpoint, args.init_from, device)
-    if note := qat_note(meta["training"], spec):  # NEW
-        print(note, file=sys.stderr)
     try:
         check_format(model, spec["bits"], spec["group_size"])
     except ValueError as e:
@@ -274,32 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     quantize_model(model, args.method, spec["group_size"], spec["bits"], calibration, args.threshold)
     after = layers_bytes(model, names)
     save_checkpoint(args.out, model, {**meta, "quantization": spec})
+    if note := qat_note(meta["training"], spec):  # NEW
+        print(note, file=sys.stderr)
     group = spec["group_size"] or "per channel"
     print(
         f"{args.method}, {spec['bits']} bits, group {group}: the blocks' {len(names)} Linear layers "
         f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({before / after:.1f}x smaller); wrote {args.out}"
     )
     return 0
-
-
-def is_quantized(ckpt_dir: Path) -> bool:
-    return "quantization" in read_config(ckpt_dir)
-
-
-def load_quantized(ckpt_dir: Path, device="cpu", tokenizer: str | None = None) -> tuple[GPT, dict]:
-    """A checkpoint quantize.py wrote: the GPT of its config, its Linear layers swapped for the quantized
-    ones of the recorded format (holding placeholder values), then every tensor read from the file."""
-    config = read_config(ckpt_dir, tokenizer)
-    spec = config["quantization"]
-    try:  # a config.json edited by hand (or from another version) is one line, not a traceback
-        model = GPT(GPTConfig(**config["model"]))
-        layout = {"gptq": "int4" if spec["bits"] == 4 else "int8"}.get(spec["method"], spec["method"])
-        quantize_model(model, layout, spec["group_size"], threshold=spec["threshold"])
-    except (KeyError, TypeError, ValueError, AssertionError) as e:
-        why = f"{type(e).__name__}: {e}"
-        raise UserError(f"{ckpt_dir} has a quantization config this project cannot read ({why})") from e
-    load_weights(model, ckpt_dir)
-    return model.to(device).eval(), config
 
 
 if __name__ == "__main__":

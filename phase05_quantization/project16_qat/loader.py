@@ -1,0 +1,224 @@
+"""What phase 5 loads: the float models it quantizes (this lineage's checkpoints, project 01's character
+model, GPT-2's weights), their tokenizers and text, the calibration windows GPTQ reads, and the checkpoints
+that quantize.py writes. A module the scripts share (quantize.py, generate.py, benchmark.py), so that no
+script imports another."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from checkpoint import (
+    MODELS_DIR,
+    checkpoint_exists,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_config,
+)
+from cli import UserError
+from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file, read_shards, read_text
+from hf import load_gpt2
+from model import GPT, GPTConfig
+from qat import qat_spec
+from quantization import quantize_model
+from tokenizer import GPT2Tokenizer
+
+PROJECT03 = MODELS_DIR / "project03_pretrain"
+PROJECT01 = MODELS_DIR / "project01_minimal_gpt"  # the benchmark's model: its weights are in its blocks
+TINY_SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"  # what project 01 trains on by default
+
+
+def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[GPT, dict]:
+    """The model to quantize and the metadata its quantized checkpoint keeps (tokenizer, training)."""
+    if init_from:
+        model = load_gpt2(init_from, cache_dir=DATA_DIR / "hf").to(device).eval()
+        return model, {
+            "tokenizer": {"type": "tiktoken", "name": "gpt2"},
+            "training": {"init_from": init_from},
+        }
+    config = read_config(checkpoint, tokenizer=tokenizer_kind(checkpoint))
+    if "quantization" in config:
+        raise UserError(f"{checkpoint} is already quantized ({config['quantization']['method']}); "
+                        "quantize the checkpoint it was made from")  # fmt: skip
+    if config["project"] == PROJECT01.name:  # its layout (a QAT run of it keeps characters, not its layout)
+        try:
+            model = GPT(GPTConfig(**config["model"]))
+        except (TypeError, ValueError, AssertionError) as e:
+            raise UserError(
+                f"checkpoint {checkpoint} has a model config this project cannot read ({e})"
+            ) from e
+        load_project01_weights(model, checkpoint)
+        model = model.to(device).eval()
+    else:
+        model, config = load_checkpoint(checkpoint, device)
+    return model, {"tokenizer": config["tokenizer"], "training": config["training"]}
+
+
+def fine_tuning(args, mc: GPTConfig, meta: dict) -> GPTConfig:
+    """NEW: what train.py --init-from and --qat start a run from: a float checkpoint's model config, tokenizer
+    and data (unless --data names other; a character model's is a text file), and the QAT format, checked
+    against the model's widths before any work. Records them in meta; returns the model config."""
+    training, ckpt = meta["training"], args.init_from and Path(args.init_from)
+    if ckpt and checkpoint_exists(ckpt):
+        config = read_config(ckpt, tokenizer=tokenizer_kind(ckpt))
+        if "quantization" in config:
+            raise UserError(f"--init-from {ckpt} is already quantized; start from its float checkpoint")
+        training["data"] = args.data or config["training"].get("data")
+        if "chars" in config["tokenizer"]:  # by default project 01's own text
+            training["data"] = str(training_data(training["data"] and Path(training["data"]), config))
+            if Path(training["data"]).is_dir():
+                raise UserError(
+                    f"{ckpt} is a character model: pass --data with a text file, not token shards"
+                )
+        mc, meta["tokenizer"] = GPTConfig(**config["model"]), config["tokenizer"]
+    training.update(qat_spec(args.qat, args.group_size, mc))
+    return mc
+
+
+def start_model(init_from: str, like: GPTConfig) -> GPT:
+    """NEW: the weights train.py --init-from continues, in a GPT of `like`'s shape and settings: a float
+    checkpoint's (this lineage's, or project 01's in this GPT's layout), or GPT-2's (a name, an HF folder)."""
+    if not checkpoint_exists(Path(init_from)):
+        return load_gpt2(init_from, cache_dir=DATA_DIR / "hf", like=like)
+    model = GPT(like)
+    load = (
+        load_project01_weights if read_config(Path(init_from))["project"] == PROJECT01.name else load_weights
+    )
+    load(model, Path(init_from))
+    return model
+
+
+def token_split(data: Path, split: str, chars: str | None = None) -> np.ndarray:
+    """The "train" or "val" tokens of a folder of project 07's shards, or of a text file split 90/10 as
+    train.py splits it; with `chars`, as project 01's character ids (project 01 splits the same way)."""
+    if data.is_dir() and chars:
+        raise UserError(
+            f"{data} holds GPT-2 token shards; a character model reads a text file: pass --data FILE"
+        )
+    if data.is_dir():
+        return read_shards(data, split)
+    tokens = encode_text(data, chars)
+    n = int(len(tokens) * 0.9)
+    return tokens[:n] if split == "train" else tokens[n:]
+
+
+# --- project 01's character model: nearly all of its weights are in the blocks that quantization touches ---
+
+
+class CharTokenizer:
+    """Project 01's tokenizer: one id per character of the model's training text."""
+
+    def __init__(self, chars: str):
+        self.chars, self.ids = chars, {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.ids.keys())
+        if unknown:
+            shown = " ".join(repr(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise UserError(f"characters outside the model's {len(self.chars)}-character vocabulary: {shown}")
+        return [self.ids[c] for c in text]
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        return self.chars[token_id].encode()
+
+
+def encode_text(path: Path, chars: str | None) -> np.ndarray:
+    """A text file's token ids: GPT-2's, as train.py reads the file, or project 01's characters."""
+    if chars is None:
+        return encode_text_file(path)
+    try:
+        return np.array(CharTokenizer(chars).encode(read_text(path)), dtype=np.uint16)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+
+
+def tokenizer_kind(ckpt_dir: Path) -> str:
+    """The tokenizer to require of a checkpoint (read_config refuses any other, naming the project that wrote
+    it): project 01's characters if it has them, else GPT-2's."""
+    return "char" if read_config(ckpt_dir)["tokenizer"].get("type") == "char" else "tiktoken"
+
+
+Tokenizer = GPT2Tokenizer | CharTokenizer  # what generate.py encodes prompts and decodes tokens with
+
+
+def tokenizer_for(spec: dict) -> Tokenizer:
+    """The tokenizer a checkpoint's config.json names."""
+    return CharTokenizer(spec["chars"]) if spec["type"] == "char" else GPT2Tokenizer()
+
+
+def load_project01_weights(model: GPT, ckpt_dir: Path) -> None:
+    """Project 01 keeps its tied embedding once, as lm_head, with one row per character; this GPT pads the
+    vocabulary to a multiple of 64 rows. The padding rows stay zero: their logits are sliced off before any
+    softmax. The rest of the model is the same (tested: the same logits)."""
+    path = find_checkpoint(ckpt_dir) / "model.safetensors"
+    try:
+        state = load_file(path)
+        head = state.pop("lm_head.weight")  # (vocab_size, C)
+        padded = head.new_zeros(model.lm_head.weight.shape)  # (padded vocab, C)
+        padded[: len(head)] = head
+        model.load_state_dict({**state, "wte.weight": padded, "lm_head.weight": padded}, strict=True)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path.parent} is corrupt or does not match its config ({reason})") from e
+
+
+def training_data(data: Path | None, meta: dict) -> Path:
+    """--data, else what the checkpoint was trained on (train.py records it; None means its default: this
+    lineage's shards, or Tiny Shakespeare for project 01's character model)."""
+    if data is not None:
+        return data
+    recorded = meta["training"].get("data")
+    if recorded is None and "preset" not in meta["training"]:  # GPT-2's weights: no train.py run recorded
+        raise UserError("GPT-2's weights come without their training data: pass --data FILE for calibration")
+    data = Path(recorded or (TINY_SHAKESPEARE if meta["tokenizer"].get("type") == "char" else DEFAULT_SHARDS))
+    if not data.exists():
+        raise UserError(f"the checkpoint was trained on {data}, which is not here: pass --data FILE")
+    return data
+
+
+def calibration_batch(tokens: np.ndarray, samples: int, length: int, seed: int) -> torch.Tensor:
+    """(samples, length) token ids from random windows of the training split, as GPTQ draws its 128
+    calibration sequences from random places in C4."""
+    if len(tokens) < length:
+        raise UserError(
+            f"the calibration data has {len(tokens)} tokens, fewer than one {length}-token window"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - length + 1, (samples,), generator=g).tolist()
+    return torch.stack([torch.from_numpy(tokens[s : s + length].astype(np.int64)) for s in starts])
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, a tied tensor counted once."""
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def layers_bytes(model: GPT, names: list[str]) -> int:
+    """Bytes of the named Linear layers' weights, whatever they have become: the matrix, or its integers
+    with their scales and zero points. Biases are left out: every format keeps them in floating point."""
+    layers = [model.blocks.get_submodule(name) for name in names]
+    return sum(t.numel() * t.element_size() for m in layers for n, t in m.state_dict().items() if n != "bias")
+
+
+def is_quantized(ckpt_dir: Path) -> bool:
+    return "quantization" in read_config(ckpt_dir)
+
+
+def load_quantized(ckpt_dir: Path, device="cpu", tokenizer: str | None = None) -> tuple[GPT, dict]:
+    """A checkpoint quantize.py wrote: the GPT of its config, its Linear layers swapped for the quantized
+    ones of the recorded format (holding placeholder values), then every tensor read from the file."""
+    config = read_config(ckpt_dir, tokenizer)
+    spec = config["quantization"]
+    try:  # a config.json edited by hand (or from another version) is one line, not a traceback
+        model = GPT(GPTConfig(**config["model"]))
+        layout = {"gptq": "int4" if spec["bits"] == 4 else "int8"}.get(spec["method"], spec["method"])
+        quantize_model(model, layout, spec["group_size"], threshold=spec["threshold"])
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise UserError(f"{ckpt_dir} has a quantization config this project cannot read ({why})") from e
+    load_weights(model, ckpt_dir)
+    return model.to(device).eval(), config
