@@ -265,21 +265,10 @@ def plot(rates: list[float], online: dict[str, list[dict]]) -> bytes:
     return buf.getvalue()
 
 
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    w = workload_for(args, device)
-    shape = PRESETS[args.preset][0]
-    config = replace(shape, block_size=max(shape.block_size, w.prompt_tokens[1] + w.output_tokens[1]))
-    torch.manual_seed(0)
-    model = GPT(config).to(device, dtype).eval()
-    requests = make_requests(w, w.requests, config.vocab_size, args.seed)
-    print(f"{len(requests)} requests: {w}; {model.num_params() / 1e6:.1f}M parameters, {dtype}, {device}")
-    run(model, make_requests(w, 4, config.vocab_size, args.seed + 1), [0.0] * 4, w, False, "warm-up")
-
-    # 1. Offline: every request at once.
+def offline_rows(model: GPT, requests: list, w: Workload, device) -> tuple[list[dict], float]:
+    """Every request at once, static against continuous batching: vLLM's throughput keys, the steps, the
+    sequences per step, a decode step's cost, and whether both give the same tokens. Also returns the
+    continuous engine's request throughput, which sets the online rates."""
     zero = [0.0] * len(requests)
     static = run(model, requests, zero, w, True, "static batching, offline")
     continuous = run(model, requests, zero, w, False, "continuous batching, offline")
@@ -301,29 +290,49 @@ def main(argv: list[str] | None = None) -> int:
     rows += compare("decode_step_ms", "ms", steps)
     same = sum(a == b for a, b in zip(static.tokens, continuous.tokens)) / len(requests)
     rows.append(row("same_tokens", "static vs continuous", 100 * same, "% of requests"))
+    return rows, offline["continuous"]["request_throughput"]
 
-    # 2. Online: Poisson arrivals at each rate, the same arrivals for both.
-    capacity = offline["continuous"]["request_throughput"]
-    rates = args.rates or [float(f"{f * capacity:.3g}") for f in w.rate_fractions]
-    online_requests = make_requests(w, w.online_requests, config.vocab_size, args.seed + 2)
-    online, cut_short = {"static batching": [], "continuous batching": []}, False
+
+def online_rows(model: GPT, requests: list, w: Workload, rates: list[float], seed: int):
+    """Poisson arrivals at each rate, the same arrivals for both schedulers. Returns (rows, the rates measured
+    in full, each scheduler's metrics per rate, whether a Ctrl-C cut the run short)."""
+    online, rows = {"static batching": [], "continuous batching": []}, []
     try:
         for rate in rates:
-            gaps = np.random.default_rng(args.seed).exponential(1 / rate, len(online_requests))
+            gaps = np.random.default_rng(seed).exponential(1 / rate, len(requests))
             arrivals = [0.0, *np.cumsum(gaps[:-1]).tolist()]
             for name in online:
-                trace = run(
-                    model, online_requests, arrivals, w, name == "static batching", f"{name}, {rate} req/s"
-                )
-                online[name].append(serving_metrics(trace, online_requests))
+                trace = run(model, requests, arrivals, w, name == "static batching", f"{name}, {rate} req/s")
+                online[name].append(serving_metrics(trace, requests))
             rows += metric_rows(
                 online["static batching"][-1], online["continuous batching"][-1], f"{rate:g} req/s"
             )
     except KeyboardInterrupt:  # Ctrl-C, or run_benchmarks.py's budget: keep the rates measured in full
         print("interrupted: writing the request rates measured so far", file=sys.stderr)
-        cut_short = True
         rates = rates[: len(online["continuous batching"])]
         online["static batching"] = online["static batching"][: len(rates)]
+        return rows, rates, online, True
+    return rows, rates, online, False
+
+
+@exits_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    w = workload_for(args, device)
+    shape = PRESETS[args.preset][0]
+    config = replace(shape, block_size=max(shape.block_size, w.prompt_tokens[1] + w.output_tokens[1]))
+    torch.manual_seed(0)
+    model = GPT(config).to(device, dtype).eval()
+    requests = make_requests(w, w.requests, config.vocab_size, args.seed)
+    print(f"{len(requests)} requests: {w}; {model.num_params() / 1e6:.1f}M parameters, {dtype}, {device}")
+    run(model, make_requests(w, 4, config.vocab_size, args.seed + 1), [0.0] * 4, w, False, "warm-up")
+    rows, capacity = offline_rows(model, requests, w, device)  # 1. offline: every request at once
+    rates = args.rates or [float(f"{f * capacity:.3g}") for f in w.rate_fractions]  # 2. online
+    online_requests = make_requests(w, w.online_requests, config.vocab_size, args.seed + 2)
+    more, rates, online, cut_short = online_rows(model, online_requests, w, rates, args.seed)
+    rows += more
     print_table([r for r in rows if r["metric"] in TABLE])
     meta = {**vars(w), "request_rates": rates, "output_lengths": "log-uniform", "arrivals": "Poisson"}
     meta.update(
@@ -341,17 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if cut_short else 0
 
 
-TABLE = {
-    "output_throughput",
-    "request_throughput",
-    "steps",
-    "seqs_per_step",
-    "same_tokens",
-    "mean_ttft_ms",
-    "p99_ttft_ms",
-    "mean_tpot_ms",
-    "p99_itl_ms",
-}  # the rows printed; the JSON has them all
+TABLE = {"output_throughput", "request_throughput", "steps", "seqs_per_step", "same_tokens", "mean_ttft_ms",
+         "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms"}  # fmt: skip  # the rows printed; the JSON has them all
 
 
 if __name__ == "__main__":

@@ -172,6 +172,30 @@ def decode_attention_ms(model: GPT, w: Workload, batch: int, device) -> dict[str
     return times
 
 
+def comparison_rows(runs: dict, requests: list, config, dtype) -> list[dict]:
+    """The contiguous reservation against the paged pool, for the runs finished: KV waste and memory per
+    sequence, batch sizes, throughput, steps, preemptions, and whether both give the same tokens."""
+    out_tokens = sum(n for _, n in requests)
+    position_mib = config.n_layer * 2 * config.n_embd * dtype.itemsize / 2**20
+    rows = []
+    for metric, unit, value in [
+        ("kv_waste", "% of reserved", lambda r: 100 * (1 - r.used / r.reserved)),
+        ("kv_reserved_mean", "MiB", lambda r: r.reserved / len(r.running) * position_mib),
+        ("kv_used_mean", "MiB", lambda r: r.used / len(r.running) * position_mib),
+        ("max_running", "sequences", lambda r: max(r.running)),
+        ("mean_running", "sequences", lambda r: statistics.mean(r.running)),
+        ("output_throughput", "tok/s", lambda r: out_tokens / r.seconds),
+        ("duration", "s", lambda r: r.seconds),
+        ("steps", "steps", lambda r: len(r.running)),
+        ("preemptions", "sequences", lambda r: r.preemptions),
+    ]:
+        rows += compare(metric, unit, {name: value(r) for name, r in runs.items()}) if runs else []
+    if len(runs) == 2:
+        same = sum(a == b for a, b in zip(*(r.tokens for r in runs.values()))) / len(requests)
+        rows.append(row("same_tokens", "contiguous vs paged", 100 * same, "% of requests"))
+    return rows
+
+
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -197,24 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or run_benchmarks.py's budget: keep the runs finished so far
         print("interrupted: writing the runs finished so far", file=sys.stderr)
         cut_short = True
-    out_tokens = sum(n for _, n in requests)
-    position_mib = config.n_layer * 2 * config.n_embd * dtype.itemsize / 2**20
-    rows = []
-    for metric, unit, value in [
-        ("kv_waste", "% of reserved", lambda r: 100 * (1 - r.used / r.reserved)),
-        ("kv_reserved_mean", "MiB", lambda r: r.reserved / len(r.running) * position_mib),
-        ("kv_used_mean", "MiB", lambda r: r.used / len(r.running) * position_mib),
-        ("max_running", "sequences", lambda r: max(r.running)),
-        ("mean_running", "sequences", lambda r: statistics.mean(r.running)),
-        ("output_throughput", "tok/s", lambda r: out_tokens / r.seconds),
-        ("duration", "s", lambda r: r.seconds),
-        ("steps", "steps", lambda r: len(r.running)),
-        ("preemptions", "sequences", lambda r: r.preemptions),
-    ]:
-        rows += compare(metric, unit, {name: value(r) for name, r in runs.items()}) if runs else []
-    if len(runs) == 2:
-        same = sum(a == b for a, b in zip(*(r.tokens for r in runs.values()))) / len(requests)
-        rows.append(row("same_tokens", "contiguous vs paged", 100 * same, "% of requests"))
+    rows = comparison_rows(runs, requests, config, dtype)
     if decode:
         rows += compare("decode_attention_ms", "ms", decode)
     print_table(rows)
@@ -224,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         "output_lengths": "log-uniform",
         "arrivals": "all at once",
     }
-    meta.update(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, context=config.block_size)
+    meta.update(context=config.block_size)
     meta.update(dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(), weights="random")
+    out_tokens = sum(n for _, n in requests)
     meta.update(
         sampling="greedy, no stop token", seed=args.seed, mean_output_tokens=out_tokens / len(requests)
     )
