@@ -394,7 +394,7 @@ def test_fine_tuning_starts_from_the_base_weights(fmt, small_data, tmp_path, mon
     if fmt == "checkpoint":  # project 03's format: this repository's checkpoint with tiktoken's tokens
         P.checkpoint.save_checkpoint(tmp_path / "base", base, BASE_META)
     else:
-        P.hf.save_hf_dir(base, tmp_path / "base")
+        load_project("project03_pretrain").hf.save_hf_dir(base, tmp_path / "base")  # 03's GPT: the same model
     monkeypatch.chdir(tmp_path)  # a relative --init-from is recorded as an absolute path
     flags = ["--max-iters", 1, "--eval-samples", 0]
     assert train_tiny("--data", small_data, "--out", "sft", "--init-from", "base", *flags) == 0
@@ -407,7 +407,7 @@ def test_fine_tuning_starts_from_the_base_weights(fmt, small_data, tmp_path, mon
 
 def test_a_base_with_a_smaller_vocabulary_is_refused(small_data, tmp_path, capsys):
     """GPT-2's token ids cannot be embedded by a 100-row table: one line, not an IndexError."""
-    P.hf.save_hf_dir(tiny_gpt(vocab_size=100), tmp_path / "hf")
+    load_project("project03_pretrain").hf.save_hf_dir(tiny_gpt(vocab_size=100), tmp_path / "hf")
     rc = train_tiny("--data", small_data, "--out", tmp_path / "o", "--init-from", tmp_path / "hf")
     assert "vocabulary of 100 tokens" in assert_one_line_error(capsys, rc)
     rc = generate("--init-from", tmp_path / "hf", "--instruction", "Say hi.")
