@@ -3,6 +3,7 @@ loses is the least important. Each benchmark writes its JSON as soon as it finis
 everything measured is printed at the end (compare_benchmarks.py's).
 
 python run_benchmarks.py --prepare                        # once: data and shards into data/ (no GPU needed)
+python run_benchmarks.py --prepare --from DIR             # offline: local copies of the downloads, in DIR
 python run_benchmarks.py --device cpu --budget 300        # compare the phases on your machine
 python run_benchmarks.py --device cuda --budget 480       # a GPU's figures for every project, in 8 minutes
 python run_benchmarks.py --list                           # the plan and each step's command, nothing run
