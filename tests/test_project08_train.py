@@ -1,11 +1,12 @@
 """Project 08's train.py, the short single-device loop that every inference project carries: the loss falls;
 --init-from continues GPT-2's weights (here a tiny model in Hugging Face's format), its first step computing
 exactly the model's loss on the first batch, and --resume needs the weights no more; project 07's token shards
-read as project 07 reads them; a damaged shard is one line. (Exact resume, checkpoints and bad input:
-test_contract.py.)"""
+read as project 07 reads them; a damaged shard is one line; Ctrl-C saves the step it arrives in. (Exact
+resume, checkpoints and bad input: test_contract.py.)"""
 
 import json
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -71,3 +72,30 @@ def test_project07s_shards_are_read_as_project07_reads_them(tiny_runs, tmp_path,
     capsys.readouterr()
     rc = train_tiny("--data", shards, "--out", tmp_path / "r2")
     assert "not a complete token shard" in assert_one_line_error(capsys, rc)
+
+
+def test_ctrl_c_stops_after_the_step_saves_it_and_resume_continues_exactly(tiny_runs, tmp_path, monkeypatch):
+    """A real SIGINT during step 3: the step finishes, is saved (exit 130), and --resume then gives every
+    later step's loss and the final weights of an uninterrupted run."""
+    data = tiny_runs.data(PROJECT)
+    flags = ["--data", data, "--max-iters", 8, "--eval-interval", 5, "--eval-iters", 1]
+    assert train_tiny(*flags, "--out", tmp_path / "straight") == 0
+    real_step, calls = P.train.train_step, []
+
+    def ctrl_c_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # as the terminal sends it, in the middle of the step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(P.train, "train_step", ctrl_c_in_step_3)
+    assert train_tiny(*flags, "--out", tmp_path / "stopped") == 130
+    assert json.loads((tmp_path / "stopped" / "config.json").read_text())["training"]["step"] == 3
+    monkeypatch.setattr(P.train, "train_step", real_step)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert train_tiny(*flags, "--out", tmp_path / "stopped", "--resume") == 0
+    steps = lambda run: [m for m in metrics(tmp_path / run) if "loss" in m]  # noqa: E731
+    assert steps("stopped") == steps("straight")
+    a, _ = P.checkpoint.load_checkpoint(tmp_path / "straight")
+    b, _ = P.checkpoint.load_checkpoint(tmp_path / "stopped")
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())

@@ -88,51 +88,35 @@ def unwritable(path: Path) -> str | None:
     return None if os.access(existing, os.W_OK) else f"{existing} is not writable"
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(
+    parse: Callable[[str], float], ok: Callable[[float], bool], wanted: str
+) -> Callable[[str], float]:
+    """An argparse type: parse(text), refused unless ok(value), with a message saying what is wanted (a bare
+    ValueError would make argparse name the function instead: "invalid positive_int value")."""
+
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # comparisons with nan are False: nan is refused too
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0 or value >= 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
+# tiny temperatures overflow the softmax
+temperature = _checked(float, lambda v: v == 0 or 1e-3 <= v < float("inf"), "0 (greedy) or at least 0.001")
+probability = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def fraction_below(upper: float) -> Callable[[str], float]:
     """A number in [0, upper): a dropout rate (upper 1), a label-smoothing rate (upper 0.5)."""
-
-    def parse(text: str) -> float:
-        value = float(text)
-        if not 0 <= value < upper:  # also rejects nan
-            raise argparse.ArgumentTypeError(f"must be in [0, {upper:g}), got {text}")
-        return value
-
-    return parse
-
-
-def temperature(text: str) -> float:
-    value = float(text)
-    if not (value == 0 or 1e-3 <= value < float("inf")):  # tiny values overflow the softmax
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least 0.001, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return _checked(float, lambda v: 0 <= v < upper, f"in [0, {upper:g})")
 
 
 # --- presets: a dataclass holds each default; a flag given on the command line overrides it -----------------

@@ -1,7 +1,6 @@
-"""GPT-2 in Hugging Face's format, both ways: load OpenAI's released weights (124M to 1.5B) into our GPT, and
-save our GPT so that transformers.GPT2LMHeadModel.from_pretrained() reads it.
-
-    python hf.py --out gpt2-ours     # then transformers.GPT2LMHeadModel.from_pretrained("gpt2-ours")
+"""GPT-2 in Hugging Face's format, both ways: load OpenAI's released weights (124M to 1.5B) into our GPT
+(generate.py and train.py --init-from gpt2), and save our GPT so that transformers.GPT2LMHeadModel reads it
+(benchmark.py compares with transformers' generate that way; project 03's hf.py is the script that exports).
 
 Two differences between the formats, besides the module names (h.0.attn.c_attn <-> blocks.0.attn.qkv):
 
@@ -25,8 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from checkpoint import DEFAULT_DIR, load_checkpoint
-from cli import ArgumentParser, UserError, exits_cleanly, unwritable
+from cli import UserError
 from model import GPT, GPTConfig
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
@@ -217,21 +215,3 @@ def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None, like: GPTC
             "pass a local folder with config.json and model.safetensors instead"
         ) from e
     return load_hf_dir(folder, like)
-
-
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(description="Export a checkpoint of this project to Hugging Face's GPT-2 format.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
-    p.add_argument("--out", type=Path, required=True, help="folder for config.json and model.safetensors")
-    args = p.parse_args(argv)
-    if unwritable(args.out) or args.out.exists() and any(args.out.iterdir()):
-        raise UserError(f"--out {args.out}: {unwritable(args.out) or 'not empty'}; choose a new folder")
-    model, _ = load_checkpoint(args.checkpoint, tokenizer="tiktoken")
-    save_hf_dir(model, args.out)
-    print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

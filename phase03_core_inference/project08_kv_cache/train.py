@@ -1,6 +1,6 @@
-"""A short loop on one device, so that every inference project can train a model of its own: a small preset
-from scratch, or GPT-2's weights further; AdamW, warm-up and cosine decay, bf16 autocast where the device has
-it, evaluation, and checkpoints that --resume continues exactly. Pre-training at scale is project 07's.
+"""A short loop on one device, so that every inference project trains a model of its own: a small preset from
+scratch, or GPT-2's weights further; AdamW, warm-up and cosine decay, bf16 autocast where the device has it,
+evaluation, and checkpoints that --resume continues exactly (Ctrl-C saves). Pre-training at scale is 07's.
 
 python train.py --preset tiny --data input.txt     # seconds on a CPU (--preset cpu: minutes)
 python train.py --init-from gpt2 --data input.txt --lr 3e-5 --max-iters 200   # GPT-2 124M, further
@@ -21,6 +21,7 @@ from cli import (
     add_device_args,
     autocast,
     command,
+    ctrl_c_ends_the_step,
     exits_cleanly,
     pick_device,
     pick_dtype,
@@ -118,17 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(tc.seed)
     init_from = None if args.resume else training["init_from"]  # a resumed run's weights are its own
     model = (load_gpt2(init_from, DATA_DIR / "hf", like=mc) if init_from else GPT(mc)).to(device)
-    T = model.config.block_size
-    train_tokens, val_tokens, about = load_tokens(training["data"], T)
+    train_tokens, val_tokens, about = load_tokens(training["data"], T := model.config.block_size)
     optimizer, batches = make_optimizer(model, tc), torch.Generator().manual_seed(tc.seed)  # the batch order
     step, metrics = restore_run(args.out, model, optimizer, batches) if args.resume else (0, [])
     training["train_config"] = asdict(tc)
     print(f"{training['init_from'] or training['preset']}: {model.num_params() / 1e6:.2f}M parameters; "
           f"{about}; batches of {tc.batch_size} x {T}; {device.type}, {training['dtype']}")  # fmt: skip
     warn_if_slow(device, training["preset"] == DEFAULT_PRESET or bool(training["init_from"]))  # tqdm: ETA
-    with tqdm(total=tc.max_iters, initial=step, desc="training", unit="step") as bar:
+    with (
+        tqdm(total=tc.max_iters, initial=step, desc="training", unit="step") as bar,
+        ctrl_c_ends_the_step() as stop,
+    ):
         try:
-            while step < tc.max_iters:
+            while step < tc.max_iters and not stop:
                 t0, lr = time.perf_counter(), lr_at(step, tc)
                 batch = get_batch(train_tokens, tc.batch_size, T, batches, device)
                 loss, grad_norm = train_step(model, optimizer, batch, lr, tc, dtype)
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{batch[0].numel() / dt:,.0f}")
                 bar.update()
-                if step % tc.eval_interval == 0 or step == tc.max_iters:
+                if step % tc.eval_interval == 0 or step == tc.max_iters or stop:  # Ctrl-C: save this step
                     val = estimate_loss(model, val_tokens, tc, dtype, device)
                     metrics.append({"step": step, "val_loss": val, "val_ppl": math.exp(val)})
                     bar.write(
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             bar.write(interrupted(step, training["step"], args.out))
             return 130
+    if stop:
+        print(f"stopped at step {step}; saved in {args.out}: --resume continues from there")
+        return 130
     print(f"done: val loss {training['val_loss']:.4f} after {step} steps; checkpoint in {args.out}")
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
     print(f"sample from it: {command('generate.py', *flags)}")

@@ -1,17 +1,16 @@
-"""GPT-2 in Hugging Face's format, both ways: load OpenAI's released weights (124M to 1.5B) into our GPT, and
-save our GPT so that transformers.GPT2LMHeadModel.from_pretrained() reads it.
-
-    python hf.py --out gpt2-ours     # then transformers.GPT2LMHeadModel.from_pretrained("gpt2-ours")
+"""OpenAI's released GPT-2 weights (124M to 1.5B), in Hugging Face's format, loaded into our GPT (generate.py
+and train.py --init-from gpt2). Project 08's hf.py also saves our GPT in that format, for its comparison
+with transformers; from project 09 on only the loading is used.
 
 Two differences between the formats, besides the module names (h.0.attn.c_attn <-> blocks.0.attn.qkv):
 
 - Conv1D. OpenAI's GPT-2 code (TensorFlow) multiplied x @ W with W stored (in, out), and Hugging Face kept
   that layout in a `Conv1D` module for c_attn, c_proj and c_fc. nn.Linear computes x @ W.T with W stored
-  (out, in), so those four weights are transposed on the way in and back on the way out. Everything else
+  (out, in), so those four weights are transposed on the way in. Everything else
   (embeddings, LayerNorms, biases) has the same layout in both.
 - Vocabulary padding. Our wte / lm_head have padded_vocab_size rows (50257 -> 50304) and HF's have
   vocab_size. Loading appends zero rows; forward() slices the logits back to vocab_size, so a padded row is
-  never predicted and its value does not matter. Saving drops them again.
+  never predicted and its value does not matter.
 
 Shapes in comments: C = n_embd, V = vocab_size, Vp = padded_vocab_size.
 """
@@ -23,10 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from checkpoint import DEFAULT_DIR, load_checkpoint
-from cli import ArgumentParser, UserError, exits_cleanly, unwritable
+from cli import UserError
 from model import GPT, GPTConfig
 
 GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M
@@ -75,33 +73,6 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
     )
 
 
-def config_to_hf(config: GPTConfig) -> dict:
-    """GPTConfig -> a dict that GPT2Config(**d) and config.json accept."""
-    eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>; unknown for other vocabs
-    return {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": config.vocab_size,  # unpadded: the padding is ours, HF's embedding has V rows
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,  # older name for the same thing, still read by some tools
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_embd": config.n_embd,
-        "n_inner": None,  # = 4 * n_embd
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eos,
-        "eos_token_id": eos,
-    }
-
-
 def _name_from_hf(key: str) -> str:
     key = key.removeprefix("transformer.")  # GPT2LMHeadModel has it, GPT2Model and OpenAI's files do not
     if key.startswith("h."):
@@ -109,14 +80,6 @@ def _name_from_hf(key: str) -> str:
     for hf, ours in RENAMES.items():
         key = key.replace(hf, ours)
     return key
-
-
-def _name_to_hf(key: str) -> str:
-    if key.startswith("blocks."):
-        key = "h." + key.removeprefix("blocks.")
-    for hf, ours in RENAMES.items():
-        key = key.replace(ours, hf)
-    return "transformer." + key
 
 
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -139,21 +102,6 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dic
     padding = wte.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
     sd["wte.weight"] = sd["lm_head.weight"] = torch.cat([wte, padding])  # (Vp, C), tied
     return sd
-
-
-def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights -> GPT2LMHeadModel's state dict: transformer.* keys plus lm_head.weight (same tensor)."""
-    hf_sd = {}
-    for name, w in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # the same tensor as wte, added below
-        if name == "wte.weight":
-            w = w[: model.config.vocab_size]  # (V, C): padding rows dropped
-        elif name.endswith(CONV1D_WEIGHTS):
-            w = w.t()  # Linear (out, in) -> Conv1D (in, out)
-        hf_sd[_name_to_hf(name)] = w.detach().contiguous()
-    hf_sd["lm_head.weight"] = hf_sd["transformer.wte.weight"]
-    return hf_sd
 
 
 def load_hf_dir(path: str | Path, like: GPTConfig | None = None) -> GPT:
@@ -187,17 +135,6 @@ def load_hf_dir(path: str | Path, like: GPTConfig | None = None) -> GPT:
     return model
 
 
-def save_hf_dir(model: GPT, path: str | Path) -> None:
-    """Write config.json and model.safetensors, readable by GPT2LMHeadModel.from_pretrained(path)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share memory; lm_head.weight is wte's, and HF re-ties it on load.
-    hf_sd = {k: v.cpu() for k, v in state_dict_to_hf(model).items() if k != "lm_head.weight"}
-    hf_sd["transformer.wte.weight"] = hf_sd["transformer.wte.weight"].clone()  # own the V rows, not Vp
-    save_file(hf_sd, path / "model.safetensors", metadata={"format": "pt"})  # "pt": what HF expects
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-
-
 def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None, like: GPTConfig | None = None) -> GPT:
     """A local HF GPT-2 folder, or one of GPT2_MODELS downloaded once from the Hub (`like`: load_hf_dir's)."""
     if Path(name_or_path).is_dir():
@@ -217,21 +154,3 @@ def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None, like: GPTC
             "pass a local folder with config.json and model.safetensors instead"
         ) from e
     return load_hf_dir(folder, like)
-
-
-@exits_cleanly
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(description="Export a checkpoint of this project to Hugging Face's GPT-2 format.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
-    p.add_argument("--out", type=Path, required=True, help="folder for config.json and model.safetensors")
-    args = p.parse_args(argv)
-    if unwritable(args.out) or args.out.exists() and any(args.out.iterdir()):
-        raise UserError(f"--out {args.out}: {unwritable(args.out) or 'not empty'}; choose a new folder")
-    model, _ = load_checkpoint(args.checkpoint, tokenizer="tiktoken")
-    save_hf_dir(model, args.out)
-    print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r}) loads it")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -57,11 +57,15 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
     return model, {"tokenizer": config["tokenizer"], "training": config["training"]}
 
 
-def fine_tuning(args, mc: GPTConfig, meta: dict) -> GPTConfig:
+def fine_tuning(args, mc: GPTConfig, meta: dict, saved: dict | None) -> GPTConfig:
     """NEW: what train.py --init-from and --qat start a run from: a float checkpoint's model config, tokenizer
     and data (unless --data names other; a character model's is a text file), and the QAT format, checked
-    against the model's widths before any work. Records them in meta; returns the model config."""
+    against the model's widths before any work. Records them in meta; returns the model config. A resumed
+    run (`saved`) keeps what it recorded."""
     training, ckpt = meta["training"], args.init_from and Path(args.init_from)
+    if saved:
+        meta["tokenizer"] = saved["tokenizer"]
+        return mc
     if ckpt and checkpoint_exists(ckpt):
         config = read_config(ckpt, tokenizer=tokenizer_kind(ckpt))
         if "quantization" in config:

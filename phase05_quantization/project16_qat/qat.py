@@ -83,9 +83,12 @@ class QATLinear(nn.Linear):
         return F.linear(x, fake_quantize(self.weight, self.bits, self.group_size), self.bias)
 
 
-def prepare_qat(model: nn.Module, qat: str, group_size: int | None) -> nn.Module:
+def prepare_qat(model: nn.Module, qat: str | None, group_size: int | None) -> nn.Module:
     """Swap every Linear of the blocks for a QATLinear in the format `qat` ("int4" in groups of group_size,
-    or "int8" per channel), in place. ValueError when the format cannot hold the layers."""
+    or "int8" per channel), in place; None leaves the model as it is. ValueError when the format cannot hold
+    the layers."""
+    if qat is None:
+        return model
     bits = QAT_FORMATS[qat]
     group_size = group_size if bits == 4 else None
     check_format(model, bits, group_size)

@@ -1,17 +1,14 @@
-"""A short loop on one device, so that every inference project can train a model of its own: a small preset
-from scratch, or GPT-2's weights further; AdamW, warm-up and cosine decay, bf16 autocast where the device has
-it, evaluation, and checkpoints that --resume continues exactly. Pre-training at scale is project 07's.
+"""A short loop on one device, so that every inference project trains a model of its own: a small preset from
+scratch, or GPT-2's weights further; AdamW, warm-up and cosine decay, bf16 autocast where the device has it,
+evaluation, and checkpoints that --resume continues exactly (Ctrl-C saves). Pre-training at scale is 07's.
 
 python train.py --preset tiny --data input.txt     # seconds on a CPU (--preset cpu: minutes)
 python train.py --init-from gpt2 --data input.txt --lr 3e-5 --max-iters 200   # GPT-2 124M, further
-python train.py --init-from data/models/project01_minimal_gpt --preset cpu --qat int4 --group-size 128 \
-    --max-iters 100 --lr 3e-5 --out data/models/p16-qat    # NEW: quantization-aware, then quantize.py
 """
 
 import math
 import time
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from cli import (
     add_device_args,
     autocast,
     command,
+    ctrl_c_ends_the_step,
     exits_cleanly,
     pick_device,
     pick_dtype,
@@ -112,10 +110,8 @@ def configure(args, device) -> tuple[GPTConfig, TrainConfig, dict]:
         mc, tc = GPTConfig(**saved["model"]), TrainConfig(**training["train_config"])
         if training["step"] >= (args.max_iters or tc.max_iters):
             raise UserError(f"the run in {args.out} is done at step {training['step']}: raise --max-iters")
-    tokenizer = saved["tokenizer"] if saved else {"type": "tiktoken", "name": "gpt2"}
-    meta = {"tokenizer": tokenizer, "training": {"step": 0, **training}}
-    if saved is None:  # NEW: a checkpoint's model, tokenizer and data to fine-tune; QAT's format (loader.py)
-        mc = fine_tuning(args, mc, meta)
+    meta = {"tokenizer": {"type": "tiktoken", "name": "gpt2"}, "training": {"step": 0, **training}}
+    mc = fine_tuning(args, mc, meta, saved)  # NEW: a checkpoint to fine-tune, QAT's format (loader.py)
     return *with_flags(mc, tc, args), meta
 
 
@@ -128,19 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(tc.seed)
     init_from = None if args.resume else training["init_from"]  # a resumed run's weights are its own
     model = (start_model(init_from, mc) if init_from else GPT(mc)).to(device)  # NEW: or a checkpoint's
-    if "qat" in training:  # NEW: the blocks' Linears compute with fake-quantised weights from here on
-        prepare_qat(model, training["qat"], training["group_size"])
-    T, encode = model.config.block_size, partial(encode_text, chars=meta["tokenizer"].get("chars"))
-    train_tokens, val_tokens, about = load_tokens(training["data"], T, encode)  # NEW: or characters
+    prepare_qat(model, training.get("qat"), training.get("group_size"))  # NEW: with --qat, fake-quantised
+    encode = lambda path: encode_text(path, meta["tokenizer"].get("chars"))  # NEW: GPT-2 tokens or chars
+    train_tokens, val_tokens, about = load_tokens(training["data"], T := model.config.block_size, encode)
     optimizer, batches = make_optimizer(model, tc), torch.Generator().manual_seed(tc.seed)  # the batch order
     step, metrics = restore_run(args.out, model, optimizer, batches) if args.resume else (0, [])
     training["train_config"] = asdict(tc)
     print(f"{training['init_from'] or training['preset']}: {model.num_params() / 1e6:.2f}M parameters; "
           f"{about}; batches of {tc.batch_size} x {T}; {device.type}, {training['dtype']}")  # fmt: skip
     warn_if_slow(device, training["preset"] == DEFAULT_PRESET or bool(training["init_from"]))  # tqdm: ETA
-    with tqdm(total=tc.max_iters, initial=step, desc="training", unit="step") as bar:
+    with (
+        tqdm(total=tc.max_iters, initial=step, desc="training", unit="step") as bar,
+        ctrl_c_ends_the_step() as stop,
+    ):
         try:
-            while step < tc.max_iters:
+            while step < tc.max_iters and not stop:
                 t0, lr = time.perf_counter(), lr_at(step, tc)
                 batch = get_batch(train_tokens, tc.batch_size, T, batches, device)
                 loss, grad_norm = train_step(model, optimizer, batch, lr, tc, dtype)
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{batch[0].numel() / dt:,.0f}")
                 bar.update()
-                if step % tc.eval_interval == 0 or step == tc.max_iters:
+                if step % tc.eval_interval == 0 or step == tc.max_iters or stop:  # Ctrl-C: save this step
                     val = estimate_loss(model, val_tokens, tc, dtype, device)
                     metrics.append({"step": step, "val_loss": val, "val_ppl": math.exp(val)})
                     bar.write(
@@ -159,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             bar.write(interrupted(step, training["step"], args.out))
             return 130
+    if stop:
+        print(f"stopped at step {step}; saved in {args.out}: --resume continues from there")
+        return 130
     print(f"done: val loss {training['val_loss']:.4f} after {step} steps; checkpoint in {args.out}")
     flags = [] if args.out == DEFAULT_DIR else ["--checkpoint", str(args.out)]
     print(f"sample from it: {command('generate.py', *flags)}")
