@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,8 +155,13 @@ def _portable(value):
 
 def write_report(
     args, title: str, device: torch.device, preset: str, default_preset: str, config: dict, rows: list[dict]
-) -> Path:
-    """results/<device>[-<preset>].json: the schema every project's benchmark writes."""
+) -> Path | None:
+    """results/<device>[-<preset>].json: the schema every project's benchmark writes. A run cut short
+    (config["cut_short"]) that measured nothing writes nothing, and one that measured something never
+    replaces a complete result: it goes beside it, as <name>-cut-short.json, and says so."""
+    if config.get("cut_short") and not rows:
+        print("\nstopped before anything was measured: nothing written", file=sys.stderr)
+        return None
     info = device_info(device)
     report = {
         "schema": 1,
@@ -172,6 +178,17 @@ def write_report(
     folder = PUBLISHED_DIR if args.publish else args.out
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
+    if config.get("cut_short") and _complete(path):
+        print(f"note: {path} holds a complete run; this one, cut short, goes beside it", file=sys.stderr)
+        path = path.with_name(f"{name}-cut-short.json")
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+def _complete(path: Path) -> bool:
+    """Whether a results file is there and was not cut short (one unreadable is no complete result)."""
+    try:
+        return not json.loads(path.read_text())["config"].get("cut_short")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("decode_attention_gb_per_s", "triton", None, "GB/s", note="needs a CUDA GPU"))
     print_table(rows)
     path = write_report(args, "FlashAttention-2 in Triton", device, "gpt2", "gpt2", config, rows)
-    if curves:
+    if curves and path:  # path: None when nothing was measured
         for name, index, label in (("tflops", 1, "TFLOP/s"), ("memory", 2, "peak memory (MiB)")):
             png = path.with_name(f"{name}-{path.stem}.png")
             png.write_bytes(plot(curves, index, label))

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(seed=args.seed, mean_output_tokens=statistics.mean(n for _, n in requests))
     meta.update(cut_short=cut_short)
     path = write_report(args, "Continuous batching", device, args.preset, DEFAULT_PRESET, meta, rows)
-    if rates:
+    if rates and path:
         png = path.with_name(f"latency-{path.stem}.png")
         png.write_bytes(plot(rates, online))
         print(f"wrote {png}")
