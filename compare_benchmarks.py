@@ -44,12 +44,15 @@ def load_results(root: Path = ROOT) -> list[dict]:
     return rows
 
 
-def select(rows: list[dict], metric: str | None, device: str | None, project: str | None) -> list[dict]:
+def select(
+    rows: list[dict], metric: str | None, device: str | None, project: str | None, preset: str | None = None
+) -> list[dict]:
     def keep(r):
         return (
             (metric is None or r["metric"] == metric)
             and (device is None or device.lower() in (r["device"].lower(), r["device_type"]))
             and (project is None or project in r["project"])
+            and (preset is None or r["preset"] == preset)
         )
 
     return sorted((r for r in rows if keep(r)), key=lambda r: (r["metric"], r["project"], r["device"]))
@@ -88,12 +91,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bar_label(row: dict) -> str:
+    """What tells one row from another: the project, variant, device, preset and whose run it is (a tiny run
+    and a published 124M figure are two bars, never one)."""
+    return f"{row['project']} | {row['variant']} | {row['device']} | {row['preset']} | {row['source']}"
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """A horizontal bar per (project, variant, device) for one metric; rows not measured are left out."""
+    """A horizontal bar per row of one metric (bar_label); rows not measured are left out."""
     from matplotlib.figure import Figure  # noqa: PLC0415 - only --plot needs matplotlib
 
     rows = [r for r in rows if isinstance(r["value"], (int, float))]
-    labels = [f"{r['project']} | {r['variant']} | {r['device']}" for r in rows]
+    labels = [bar_label(r) for r in rows]
+    if len(set(labels)) < len(labels):  # the same run read twice (a file and its copy): number the repeats
+        labels = [f"{label} ({labels[:i].count(label) + 1})" if labels.count(label) > 1 else label
+                  for i, label in enumerate(labels)]  # fmt: skip
     fig = Figure(figsize=(10, 0.4 * len(rows) + 1.5), dpi=120)
     ax = fig.add_subplot()
     ax.barh(labels, [r["value"] for r in rows])
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", help="only this metric, e.g. train_tok_per_s (CONTRIBUTING.md lists them)")
     p.add_argument("--device", help="only this device type (cpu, cuda) or exact device name")
     p.add_argument("--project", help="only projects whose name contains this")
+    p.add_argument("--preset", help="only runs of this preset (tiny, cpu, gpt2, ...)")
     p.add_argument("--plot", type=Path, help="also write a bar chart of --metric to this PNG")
     p.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -134,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = select(everything, args.metric, args.device, args.project)
+    rows = select(everything, args.metric, args.device, args.project, args.preset)
     if not rows:
         print(
-            "error: no results match --device/--project; drop a filter to see what there is", file=sys.stderr
+            "error: no results match --device/--project/--preset; drop a filter to see what there is",
+            file=sys.stderr,
         )
         return 2
     print(format_table(rows))

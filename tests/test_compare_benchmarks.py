@@ -69,3 +69,28 @@ def test_mistakes_are_refused_before_anything_is_printed(tmp_path, capsys):
     )
     assert compare.main(["--root", str(tmp_path / "empty")]) == 2
     assert "run a project's benchmark.py" in capsys.readouterr().err
+
+
+def test_a_tiny_run_and_the_published_figure_are_two_bars_and_presets_filter(tmp_path, monkeypatch, capsys):
+    """Project 14's published 124M row and your tiny run of the same variant on the same CPU: two labels,
+    never one bar showing either; --preset keeps one of them."""
+    published = tmp_path / "phase05_quantization" / "project14_ptq" / "results"
+    yours = tmp_path / "data" / "benchmarks" / "project14_ptq"
+    row = {"metric": "decode_tok_per_s", "variant": "int4", "unit": "tok/s"}
+    write_report(published, "project14_ptq", ("cpu", "EPYC"), [{**row, "value": 7.5}], preset="default")
+    write_report(yours, "project14_ptq", ("cpu", "EPYC"), [{**row, "value": 900.0}], preset="tiny")
+    drawn = []
+    monkeypatch.setattr(
+        compare, "plot", lambda rows, path: drawn.append([compare.bar_label(r) for r in rows])
+    )
+    args = ["--root", str(tmp_path), "--metric", "decode_tok_per_s", "--plot", str(tmp_path / "x.png")]
+    assert compare.main(args) == 0
+    assert len(drawn[0]) == 2 and len(set(drawn[0])) == 2
+    assert any("tiny | yours" in label for label in drawn[0]) and any(
+        "published" in label for label in drawn[0]
+    )
+    capsys.readouterr()
+    assert compare.main(["--root", str(tmp_path), "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "900" in out and "7.5" not in out
+    assert compare.main(["--root", str(tmp_path), "--preset", "gpt2"]) == 2
