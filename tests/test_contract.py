@@ -272,6 +272,15 @@ def test_benchmark_names_another_projects_checkpoint(project, tmp_path, capsys):
     assert other in assert_one_line_error(capsys, rc)
 
 
+def test_benchmark_given_a_checkpoint_that_is_not_there_measures_nothing(project, tmp_path, capsys):
+    """An explicit --checkpoint that holds none (a typo) is an error, never quietly random weights."""
+    if "--checkpoint" not in printed(load_project(project).benchmark, "--help"):
+        pytest.skip("this project's benchmark reads no checkpoint")
+    rc = run_main(load_project(project).benchmark, "--checkpoint", tmp_path / "typo", "--out", tmp_path / "r")
+    assert "typo" in assert_one_line_error(capsys, rc)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("flag", [["--seed", "-1"], ["--lr", "-1"], ["--lr", "nan"]])
 def test_bad_training_flags(project, corpus_file, tmp_path, capsys, flag):
     rc = train_tiny(project, "--data", corpus_file, "--out", tmp_path / "c", *flag)

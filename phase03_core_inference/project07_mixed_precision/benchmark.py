@@ -93,15 +93,20 @@ def train_variant(name: str, mc, tc, args, device) -> dict:
     }
 
 
+DEFAULT_CHECKPOINT = MODELS_DIR / "project03_pretrain"
+
+
 def trained_model(args, mc) -> tuple[GPT, str]:
-    """Quality needs trained weights: the checkpoint's, or random ones (with a note) when there is none. On
-    the CPU until they are measured, so that they take no GPU memory while training is."""
-    if checkpoint_exists(args.checkpoint):
-        model, _ = load_checkpoint(args.checkpoint, "cpu", tokenizer="tiktoken")
-        return model, str(args.checkpoint)
+    """Quality needs trained weights: --checkpoint's (a path that holds none is an error), else project 03's
+    default checkpoint, else random ones, with a note and the report saying so. On the CPU until they are
+    measured, so that they take no GPU memory while training is."""
+    path = args.checkpoint or (DEFAULT_CHECKPOINT if checkpoint_exists(DEFAULT_CHECKPOINT) else None)
+    if path is not None:  # load_checkpoint names a missing or corrupt one in one line
+        model, _ = load_checkpoint(path, "cpu", tokenizer="tiktoken")
+        return model, str(path)
     print(
-        f"note: no checkpoint in {args.checkpoint}; the inference figures use random weights, so only their "
-        "speed and memory mean anything (train project03_pretrain first)",
+        f"note: no checkpoint in {DEFAULT_CHECKPOINT}; the inference figures use random weights, so only "
+        "their speed and memory mean anything (train project03_pretrain first)",
         file=sys.stderr,
     )
     torch.manual_seed(0)
@@ -153,8 +158,9 @@ def parse_args(argv):
     p.add_argument(
         "--checkpoint",
         type=Path,
-        default=MODELS_DIR / "project03_pretrain",
-        help="trained weights for the inference figures (any checkpoint of this GPT)",
+        default=None,
+        help="trained weights for the inference figures, any checkpoint of this GPT (default: project 03's "
+        "in data/models/project03_pretrain, else random weights, which the report says)",
     )
     p.add_argument(
         "--steps",
