@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from cli import PROJECT, REPO_ROOT, UserError, command, unwritable
+from cli import PROJECT, REPO_ROOT, UserError, command, project_folder, unwritable
 from model import GPT, GPTConfig
 
 MODELS_DIR = REPO_ROOT / "data" / "models"
@@ -143,10 +143,13 @@ def find_checkpoint(ckpt_dir: Path) -> Path:
     old = _sibling(ckpt_dir, "old")
     if (old / "config.json").exists():
         return old
-    out = [] if ckpt_dir.resolve() == DEFAULT_DIR.resolve() else ["--out", str(ckpt_dir)]
+    # data/models/<a project>/ is that project's default: its own train.py makes it (project 14 reads 01's)
+    named = ckpt_dir.resolve().parent == MODELS_DIR.resolve() and project_folder(ckpt_dir.name).is_dir()
+    project = ckpt_dir.name if named else PROJECT
+    out = [] if named else ["--out", str(ckpt_dir)]
     raise UserError(
         f"no checkpoint at {ckpt_dir}; train one first, e.g. "
-        f"{command('train.py', '--preset', 'tiny', *out)} (see the README for its data)"
+        f"{command('train.py', '--preset', 'tiny', *out, project=project)} ({project}'s README: its data)"
     )
 
 

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     training["train_config"] = asdict(tc)
     print(f"{training['init_from'] or training['preset']}: {model.num_params() / 1e6:.2f}M parameters; "
           f"{about}; batches of {tc.batch_size} x {T}; {device.type}, {training['dtype']}")  # fmt: skip
-    warn_if_slow(device, training["preset"] == DEFAULT_PRESET or bool(training["init_from"]))  # tqdm: ETA
+    warn_if_slow(device, model.num_params() > 50e6)  # GPT-2 124M (or larger) on a CPU: hours; tqdm: the ETA
     with (
         tqdm(total=tc.max_iters, initial=step, desc="training", unit="step") as bar,
         ctrl_c_ends_the_step() as stop,
