@@ -109,3 +109,20 @@ def test_the_prompt_file_commands_fit_the_tiny_model_they_use(readme, tiny_runs,
             with contextlib.redirect_stdout(out):
                 assert run_main(load_project(project).generate, *args, "--device", "cpu") == 0, line
             assert out.getvalue().strip()
+
+
+def test_no_two_readmes_train_into_the_same_folder():
+    """A reader follows READMEs one after another: one project's commands must never write (or find) the
+    checkpoint another project's commands made."""
+    owners: dict[str, str] = {}
+    for readme in READMES:
+        for words in commands(readme):
+            out = flag(words, "--out")
+            if (
+                out
+                and out.startswith("data/models/")
+                and words[1].rsplit("/", 1)[-1] in ("train.py", "quantize.py")
+            ):
+                assert owners.setdefault(out, readme.parent.name) == readme.parent.name, (
+                    f"{readme.parent.name} and {owners[out]} both write {out}"
+                )
