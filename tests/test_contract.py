@@ -292,6 +292,21 @@ def test_tiny_temperature_is_refused(project, trained, capsys):
     assert "--temperature" in assert_one_line_error(capsys, rc)
 
 
+def test_resume_and_overwrite_together_are_refused(project, trained, tmp_path, capsys):
+    copy = shutil.copytree(trained, tmp_path / "ckpt")
+    before = digest(copy)
+    rc = run_main(load_project(project).train, "--resume", "--overwrite", "--out", copy)
+    assert "--overwrite" in assert_one_line_error(capsys, rc)
+    assert digest(copy) == before
+
+
+def test_generate_refuses_a_checkpoint_and_gpt2_weights_at_once(project, trained, capsys):
+    if "--init-from" not in printed(load_project(project).generate, "--help"):
+        pytest.skip("this project's generate.py reads only its checkpoints")
+    rc = run_main(load_project(project).generate, "--checkpoint", trained, "--init-from", "gpt2")
+    assert "--init-from" in assert_one_line_error(capsys, rc)
+
+
 def test_resume_cannot_change_the_preset(project, trained, corpus_file, tmp_path, capsys):
     copy = shutil.copytree(trained, tmp_path / "ckpt")
     rc = run_main(

@@ -164,3 +164,15 @@ def test_benchmark_reports_time_to_first_token_and_the_same_tokens(tmp_path):
     assert rows[("same_tokens", "prefix cache")]["value"] is True
     assert rows[("hit_rate", "prefix cache")]["value"] > 50
     assert rows[("median_ttft_ms", "prefix cache, hits only")]["baseline"] == "no prefix cache"
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--prompt", "a", "--prompt-file", "q.txt"], "--prompt"),
+        (["--interactive", "--prompt-file", "q.txt"], "--interactive"),
+        (["--no-prefix-cache", "--cache-mb", "64"], "--cache-mb"),
+    ],
+)
+def test_contradictory_flags_are_refused(flags, named, capsys):
+    assert named in assert_one_line_error(capsys, run_main(P.generate, *flags))

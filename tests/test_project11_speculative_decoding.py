@@ -359,3 +359,8 @@ def test_benchmark_reports_target_and_speculative_rows(tiny_runs, tmp_path):
     rows = read_report(tmp_path / "b", PROJECT)
     assert rows[("decode_tok_per_s", "draft k=2, T=0")]["value"] is None
     assert rows[("decode_tok_per_s", "lookup k=3, T=0")]["value"] > 0
+
+
+def test_speculate_k_without_a_drafter_is_refused(capsys):
+    rc = run_main(P.generate, "--speculate-k", "3", "--prompt", "a")
+    assert "--drafter" in assert_one_line_error(capsys, rc)

@@ -17,6 +17,7 @@ import torch
 from conftest import (
     assert_gives_project01s_logits,
     assert_one_line_error,
+    digest,
     greedy_ids,
     load_project,
     printed,
@@ -437,3 +438,15 @@ def test_characters_outside_the_vocabulary_name_the_file(char_ckpt, tmp_path, ca
                   "--out", tmp_path / "q", "--device", "cpu")  # fmt: skip
     message = assert_one_line_error(capsys, rc)
     assert str(text) in message and "'#'" in message
+
+
+def test_a_quantized_checkpoint_never_replaces_a_training_run(float_ckpt, tmp_path, capsys):
+    """quantize.py --overwrite into a folder holding train.py's run (train_state.pt) is refused, the run
+    untouched; by default quantize.py writes to a folder of its own, never train.py's."""
+    run = shutil.copytree(float_ckpt, tmp_path / "run")
+    before = digest(run)
+    flags = ["--checkpoint", float_ckpt, "--method", "int8", "--out", run, "--overwrite"]
+    assert "training run" in assert_one_line_error(capsys, run_main(P.quantize, *flags))
+    assert digest(run) == before
+    assert P.loader.QUANTIZED_DIR != P.checkpoint.DEFAULT_DIR
+    assert run_main(P.quantize, "--checkpoint", float_ckpt, "--init-from", "gpt2") == 2

@@ -204,3 +204,10 @@ def test_benchmark_runs_on_a_tiny_checkpoint(tiny_runs, tmp_path):
         assert rows[("cache_mib_allocated", b)]["value"] == rows[("cache_mib_at_context", b)]["value"]
         assert rows[("perplexity", f"{b}, R=4")]["value"] > 0
     assert rows[("decode_tok_per_s", "int4, batch 1")]["value"] > 0
+
+
+def test_kv_residual_without_kv_bits_is_refused(tiny_runs, capsys):
+    ckpt = tiny_runs.checkpoint(PROJECT)
+    capsys.readouterr()  # what training printed, if this test trained the shared checkpoint
+    rc = run_main(P.generate, "--checkpoint", ckpt, "--kv-residual", "8", "--max-new-tokens", "2")
+    assert "--kv-bits" in assert_one_line_error(capsys, rc)

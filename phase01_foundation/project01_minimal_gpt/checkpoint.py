@@ -170,6 +170,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, resumable: bool = True
     """The rules for train.py's --out, checked before any work: a folder of the user's is never touched, a
     checkpoint is replaced only with --overwrite and only if this project wrote it, and --resume continues
     only this project's runs. Returns the saved config when resuming, else None."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if unwritable(out):
         raise UserError(f"cannot write --out {out}: {unwritable(out)}")
     if out.exists() and not checkpoint_exists(out) and any(out.iterdir()):
@@ -180,6 +182,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, resumable: bool = True
         if not overwrite:
             continue_it = "pass --resume to continue it or " if resumable else ""
             raise UserError(f"{out} already holds a checkpoint; {continue_it}pass --overwrite to replace it")
+        if not resumable and (find_checkpoint(out) / "train_state.pt").exists():  # quantize.py, merge.py
+            raise UserError(f"{out} holds a training run, which --resume continues; write this one elsewhere")
         owner = _project_of(out)
         if owner not in (PROJECT, None):
             raise UserError(

@@ -36,8 +36,11 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py"
+    )
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "

@@ -36,8 +36,11 @@ DEFAULT_INSTRUCTION = "Give three tips for staying healthy."
 
 def parse_args(argv):
     p = ArgumentParser(description="Answer instructions with a fine-tuned checkpoint of this project.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py"
+    )
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, ... (Hugging Face Hub) or a local Hugging Face "

@@ -41,7 +41,10 @@ DEFAULT_INSTRUCTION = "Give three tips for staying healthy."
 
 def parse_args(argv):
     p = ArgumentParser(description="Answer instructions with a checkpoint of this project (or its adapter).")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py")
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_DIR, help="a checkpoint written by train.py"
+    )
     p.add_argument(
         "--base",
         default=None,
@@ -49,7 +52,7 @@ def parse_args(argv):
         "of the one it records; it must have the same weights",
     )
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights first")
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, ... (Hugging Face Hub) or a local Hugging Face "

@@ -36,13 +36,14 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
     )
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "

@@ -48,28 +48,33 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
     )
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "
         "Hugging Face Hub) or a local Hugging Face GPT-2 directory",
     )
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument(
+    prompts = p.add_mutually_exclusive_group()  # one prompt, a file of them, or a conversation
+    prompts.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    prompts.add_argument(
         "--prompt-file",
         type=Path,
         default=None,
         help="several prompts, one per line (write \\n for a newline inside one); instead of --prompt",
     )
     p.add_argument("--system", default="", help="text put before every prompt: the prefix they all share")
-    p.add_argument("--cache-mb", type=positive_float, default=256, help="the prefix cache's memory budget")
-    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
+    cache = p.add_mutually_exclusive_group()  # the prefix cache's size, or none
+    cache.add_argument(
+        "--cache-mb", type=positive_float, default=256, help="the prefix cache's memory budget"
+    )
+    cache.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
     p.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens to sample per sample")
     p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
@@ -77,7 +82,9 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=positive_int, default=1, help="continuations of the prompt")
     p.add_argument("--seed", type=non_negative_int, default=1337, help="same seed, same samples")
     p.add_argument("--stream", action="store_true", help="print text as it is sampled, whole characters only")
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'")
+    prompts.add_argument(
+        "--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'"
+    )
     p.add_argument("--no-cache", action="store_true", help="rerun the whole window every step (no KV cache)")
     # NEW: speculative decoding (speculative.py): a drafter proposes, the model checks k tokens per pass
     p.add_argument(
@@ -90,7 +97,7 @@ def parse_args(argv):
         help="the draft model's checkpoint, same tokenizer (implies --drafter model; default: this "
         "project's, from train.py --preset draft)",
     )
-    p.add_argument("--speculate-k", type=positive_int, default=5, help="tokens drafted per target pass")
+    p.add_argument("--speculate-k", type=positive_int, help="tokens drafted per target pass (default 5)")
     add_device_args(p, dtype=False)
     p.add_argument(
         "--dtype",
@@ -117,11 +124,12 @@ def speculative_decoder(args, target: GPT, device, dtype: torch.dtype) -> Specul
         raise UserError("--draft names a draft model, which --drafter lookup does not use")
     if args.no_cache:
         raise UserError("speculative decoding checks its drafts against the KV cache: drop --no-cache")
+    k = args.speculate_k or 5
     if args.drafter == "lookup":
-        return SpeculativeDecoder(target, LookupDrafter(), args.speculate_k)
+        return SpeculativeDecoder(target, LookupDrafter(), k)
     draft, _ = load_checkpoint(args.draft or DEFAULT_DIR, device, tokenizer="tiktoken")
     try:
-        return SpeculativeDecoder(target, ModelDrafter(draft.to(dtype), target), args.speculate_k)
+        return SpeculativeDecoder(target, ModelDrafter(draft.to(dtype), target), k)
     except ValueError as e:  # a draft with another vocabulary
         raise UserError(f"{args.draft or DEFAULT_DIR}: {e}") from e
 
@@ -219,6 +227,10 @@ def read_prompts(args) -> list[str]:
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.speculate_k and not (args.drafter or args.draft):
+        raise UserError(
+            "--speculate-k sets how many tokens a drafter proposes: add --drafter model or lookup"
+        )
     device = pick_device(args.device)
     if args.init_from:  # GPT-2's own weights, converted from the Hugging Face format (hf.py)
         model = load_gpt2(args.init_from, cache_dir=DATA_DIR / "hf").to(device).eval()

@@ -57,28 +57,33 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
     )
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "
         "Hugging Face Hub) or a local Hugging Face GPT-2 directory",
     )
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument(
+    prompts = p.add_mutually_exclusive_group()  # one prompt, a file of them, or a conversation
+    prompts.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    prompts.add_argument(
         "--prompt-file",
         type=Path,
         default=None,
         help="several prompts, one per line (write \\n for a newline inside one); instead of --prompt",
     )
     p.add_argument("--system", default="", help="text put before every prompt: the prefix they all share")
-    p.add_argument("--cache-mb", type=positive_float, default=256, help="the prefix cache's memory budget")
-    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
+    cache = p.add_mutually_exclusive_group()  # the prefix cache's size, or none
+    cache.add_argument(
+        "--cache-mb", type=positive_float, default=256, help="the prefix cache's memory budget"
+    )
+    cache.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
     p.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens to sample per sample")
     p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the k likeliest tokens")
@@ -91,7 +96,9 @@ def parse_args(argv):
         help="request k samples with seed + k: same seed, same samples",
     )
     p.add_argument("--stream", action="store_true", help="print text as it is sampled, whole characters only")
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'")
+    prompts.add_argument(
+        "--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'"
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",

@@ -56,20 +56,22 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
     )
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "
         "Hugging Face Hub) or a local Hugging Face GPT-2 directory",
     )
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument(
+    prompts = p.add_mutually_exclusive_group()  # one prompt, a file of them, or a conversation
+    prompts.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    prompts.add_argument(
         "--prompt-file",
         type=Path,
         default=None,
@@ -89,7 +91,9 @@ def parse_args(argv):
         help="request k samples with seed + k: same seed, same samples",
     )
     p.add_argument("--stream", action="store_true", help="print text as it is sampled, whole characters only")
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'")
+    prompts.add_argument(
+        "--interactive", action="store_true", help="read prompts from stdin until EOF or 'quit'"
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from checkpoint import MODELS_DIR, find_checkpoint, load_checkpoint, load_weights, read_config
+from checkpoint import DEFAULT_DIR, MODELS_DIR, find_checkpoint, load_checkpoint, load_weights, read_config
 from cli import UserError
 from data import DATA_DIR, DEFAULT_SHARDS, encode_text_file, read_shards, read_text
 from hf import load_gpt2
@@ -19,6 +19,7 @@ from quantization import quantize_model
 from tokenizer import GPT2Tokenizer
 
 PROJECT03 = MODELS_DIR / "project03_pretrain"
+QUANTIZED_DIR = MODELS_DIR / f"{DEFAULT_DIR.name}-quantized"  # quantize.py's, never train.py's folder
 PROJECT01 = MODELS_DIR / "project01_minimal_gpt"  # the benchmark's model: its weights are in its blocks
 TINY_SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"  # what project 01 trains on by default
 

@@ -33,7 +33,7 @@ from cli import (
 from data import DATA_DIR
 from hf import load_gpt2
 from kv_quant import KVFormat
-from loader import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
+from loader import QUANTIZED_DIR, Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from model import GPT
 from tokenizer import GPT2Tokenizer
 
@@ -42,13 +42,14 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
     )
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "
@@ -70,8 +71,8 @@ def parse_args(argv):
     p.add_argument(
         "--kv-residual",
         type=non_negative_int,
-        default=KVFormat.residual,
-        help="newest tokens the quantised cache keeps in full precision",
+        default=None,
+        help=f"newest tokens the quantised cache keeps in full precision (default {KVFormat.residual})",
     )
     add_device_args(p, dtype=False)
     p.add_argument(
@@ -85,18 +86,23 @@ def parse_args(argv):
 
 
 def default_checkpoint() -> Path:
-    """This project's model, else project 03's pre-trained one (the same GPT)."""
-    pretrained = MODELS_DIR / "project03_pretrain"
-    return pretrained if not checkpoint_exists(DEFAULT_DIR) and checkpoint_exists(pretrained) else DEFAULT_DIR
+    """quantize.py's default output, else this project's model, else project 03's pre-trained one."""
+    found = [
+        d for d in (QUANTIZED_DIR, DEFAULT_DIR, MODELS_DIR / "project03_pretrain") if checkpoint_exists(d)
+    ]
+    return found[0] if found else DEFAULT_DIR
 
 
 def kv_format(args, config) -> KVFormat | None:
     """The quantised KV cache's format from --kv-bits and --kv-residual, checked against the model."""
     if args.kv_bits == 16:
+        if args.kv_residual is not None:
+            raise UserError("--kv-residual shapes a quantised KV cache: add --kv-bits 8, 4 or 2")
         return None
     if args.no_cache:
         raise UserError("--kv-bits quantises the KV cache, which --no-cache turns off; drop one of them")
-    fmt = KVFormat(bits=args.kv_bits, residual=args.kv_residual)
+    residual = KVFormat.residual if args.kv_residual is None else args.kv_residual
+    fmt = KVFormat(bits=args.kv_bits, residual=residual)
     try:
         fmt.check(config.n_embd // config.n_head)
     except ValueError as e:

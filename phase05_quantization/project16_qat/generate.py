@@ -31,7 +31,7 @@ from cli import (
 )
 from data import DATA_DIR
 from hf import load_gpt2
-from loader import Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
+from loader import QUANTIZED_DIR, Tokenizer, is_quantized, load_quantized, tokenizer_for, tokenizer_kind
 from model import GPT
 from tokenizer import GPT2Tokenizer
 
@@ -40,13 +40,14 @@ def parse_args(argv):
     p = ArgumentParser(
         description="Generate text with a checkpoint of this project's GPT-2, or with GPT-2's weights."
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="a checkpoint of this GPT (default: this project's, else project03_pretrain's)",
     )
-    p.add_argument(
+    source.add_argument(
         "--init-from",
         default=None,
         help="instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded from the "
@@ -74,9 +75,11 @@ def parse_args(argv):
 
 
 def default_checkpoint() -> Path:
-    """This project's model, else project 03's pre-trained one (the same GPT)."""
-    pretrained = MODELS_DIR / "project03_pretrain"
-    return pretrained if not checkpoint_exists(DEFAULT_DIR) and checkpoint_exists(pretrained) else DEFAULT_DIR
+    """quantize.py's default output, else this project's model, else project 03's pre-trained one."""
+    found = [
+        d for d in (QUANTIZED_DIR, DEFAULT_DIR, MODELS_DIR / "project03_pretrain") if checkpoint_exists(d)
+    ]
+    return found[0] if found else DEFAULT_DIR
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int, device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from checkpoint import (
+    DEFAULT_DIR,
     MODELS_DIR,
     checkpoint_exists,
     find_checkpoint,
@@ -27,6 +28,7 @@ from quantization import quantize_model
 from tokenizer import GPT2Tokenizer
 
 PROJECT03 = MODELS_DIR / "project03_pretrain"
+QUANTIZED_DIR = MODELS_DIR / f"{DEFAULT_DIR.name}-quantized"  # quantize.py's, never train.py's folder
 PROJECT01 = MODELS_DIR / "project01_minimal_gpt"  # the benchmark's model: its weights are in its blocks
 TINY_SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"  # what project 01 trains on by default
 

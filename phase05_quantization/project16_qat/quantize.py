@@ -18,7 +18,7 @@ are nearly all in the blocks that quantization rounds: the model benchmark.py me
 import sys
 from pathlib import Path
 
-from checkpoint import DEFAULT_DIR, prepare_out, save_checkpoint
+from checkpoint import prepare_out, save_checkpoint
 from cli import (
     ArgumentParser,
     UserError,
@@ -29,14 +29,27 @@ from cli import (
     positive_float,
     positive_int,
 )
-from loader import PROJECT03, calibration_batch, layers_bytes, load_float_model, token_split, training_data
+from loader import (
+    PROJECT03,
+    QUANTIZED_DIR,
+    calibration_batch,
+    layers_bytes,
+    load_float_model,
+    token_split,
+    training_data,
+)
 from quantization import BITS, DEFAULT_GROUP_SIZE, METHODS, block_linears, check_format, quantize_model
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Quantize a checkpoint's weights to int8 or int4 (RTN, GPTQ, LLM.int8()).")
-    p.add_argument("--checkpoint", type=Path, default=PROJECT03, help="the trained checkpoint to quantize")
-    p.add_argument("--init-from", default=None, help="instead: GPT-2's weights (gpt2, ... or a local folder)")
+    source = p.add_mutually_exclusive_group()  # a checkpoint of this GPT, or GPT-2's weights
+    source.add_argument(
+        "--checkpoint", type=Path, default=PROJECT03, help="the trained checkpoint to quantize"
+    )
+    source.add_argument(
+        "--init-from", default=None, help="instead: GPT-2's weights (gpt2, ... or a local folder)"
+    )
     p.add_argument("--method", choices=METHODS, default="gptq", help="int8/int4: round to nearest")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="gptq's width (default 4)")
     p.add_argument(
@@ -53,7 +66,7 @@ def parse_args(argv):
         default=None,
         help="gptq's calibration text or shards (default: the checkpoint's)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="where to write the quantized checkpoint")
+    p.add_argument("--out", type=Path, default=QUANTIZED_DIR, help="where to write the quantized checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a checkpoint this project wrote in --out"
     )
