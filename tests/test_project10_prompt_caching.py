@@ -176,3 +176,13 @@ def test_benchmark_reports_time_to_first_token_and_the_same_tokens(tmp_path):
 )
 def test_contradictory_flags_are_refused(flags, named, capsys):
     assert named in assert_one_line_error(capsys, run_main(P.generate, *flags))
+
+
+def test_a_request_for_no_tokens_caches_nothing_it_did_not_compute(trained):
+    """generate_stream(prompt, 0) runs no prefill: its slots hold zeros, which must not be cached as the
+    prompt's keys; the next request with that prompt gets the uncached logits and tokens."""
+    cache = PrefixCache(10**8, kv_block_size=BLOCK)
+    prompt = SYSTEM + ids(7, 6)
+    assert greedy(trained, prompt, cache, n=0) == []
+    assert len(cache.match(prompt)) == 0  # nothing was stored
+    assert greedy(trained, prompt, cache) == greedy(trained, prompt)

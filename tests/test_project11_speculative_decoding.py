@@ -364,3 +364,16 @@ def test_benchmark_reports_target_and_speculative_rows(tiny_runs, tmp_path):
 def test_speculate_k_without_a_drafter_is_refused(capsys):
     rc = run_main(P.generate, "--speculate-k", "3", "--prompt", "a")
     assert "--drafter" in assert_one_line_error(capsys, rc)
+
+
+@pytest.mark.parametrize("name", ["close", "lookup"])
+def test_a_prompt_longer_than_the_context_slides_with_the_prefix_cache_too(target, drafts, name):
+    """As the target alone (and speculative decoding without the cache) slides the window, so does it with
+    project 10's cache: no error, and greedy gives the target's own tokens."""
+    cache = P.prefix_cache.PrefixCache(10**8, kv_block_size=4)
+    prompt = prompt_of(target, target.config.block_size + 8, seed=9)  # longer than the context
+    expected = tokens(target.generate_stream(prompt, 20, temperature=0))
+    got = tokens(
+        decoder(target, drafts, name, 4).generate_stream(prompt, 20, temperature=0, prefix_cache=cache)
+    )
+    assert got == expected

@@ -415,8 +415,9 @@ class GPT(nn.Module):
                 next_id = sample_next_token(logits, *sampling)  # (B, 1)
                 idx = torch.cat([idx, next_id], dim=1)
                 yield next_id
-            if prefix_cache is not None and idx.size(1) - 1 <= block_size:  # the reply's blocks too,
-                prefix_cache.insert(idx[0, :-1].tolist(), self.read_slots)  # unless the window slid
+            # the reply's blocks too: the slots computed, 0..len-2 (none without a step), unless it slid
+            if prefix_cache is not None and max_new_tokens > 0 and idx.size(1) - 1 <= block_size:
+                prefix_cache.insert(idx[0, :-1].tolist(), self.read_slots)
         finally:
             self.clear_cache()
 

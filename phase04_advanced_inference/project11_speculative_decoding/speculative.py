@@ -208,7 +208,8 @@ class SpeculativeDecoder:
     ) -> Iterator[torch.Tensor]:
         """Yield the new tokens one at a time, (1, 1) each, as GPT.generate_stream does (a step makes 1 to
         k + 1 of them). With prefix_cache, the target's prefill reuses a cached prefix (project 10) and gives
-        the first token; the drafts start after it."""
+        the first token; the drafts start after it. A prompt longer than the context slides the window, as the
+        target alone does (no prefix is reused then)."""
         if idx.size(0) != 1:
             raise ValueError(f"speculative decoding takes one sequence, not a batch of {idx.size(0)}")
         if not use_cache:
@@ -218,7 +219,7 @@ class SpeculativeDecoder:
         self.drafter.start(size, idx.device)
         self.cached, tokens = 0, idx
         try:
-            if prefix_cache is not None and max_new_tokens > 0:
+            if prefix_cache is not None and max_new_tokens > 0 and idx.size(1) <= self.config.block_size:
                 logits = self.target.prefill_with_prefix_cache(idx, prefix_cache)  # slots 0..n-1
                 first = sample_next_token(logits, temperature, top_k, top_p, generator)  # (1, 1)
                 self.cached, tokens = idx.size(1), torch.cat([idx, first], dim=1)
