@@ -134,7 +134,7 @@ def plan() -> list[Job]:
             {"cuda": "static vs continuous batching at 124M: 256 requests, 64 at once, offline and online",
              "cpu": "the same at the cpu preset's shape: 128 requests, 32 at once, 48 online per rate"},
             {"cuda": 150, "cpu": 200},
-            {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", ["--preset", "cpu"])]}),
+            {"cuda": [("benchmark.py", [])], "cpu": [("benchmark.py", ["--preset", "cpu", "--threads", "1"])]}),
         Job("project16_qat",
             {"cuda": "int4 QAT vs RTN/GPTQ: held-out perplexity of project 01's cpu-preset char model",
              "cpu": "int4 QAT vs RTN/GPTQ plumbing on a tiny char model; fake-quantisation step overhead"},

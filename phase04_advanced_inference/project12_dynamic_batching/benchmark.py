@@ -99,6 +99,7 @@ def parse_args(argv):
     p.add_argument(
         "--seed", type=non_negative_int, default=0, help="the workload's random lengths and arrivals"
     )
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     add_device_args(p)
     add_output_args(p)
     return p.parse_args(argv)
@@ -318,6 +319,8 @@ def online_rows(model: GPT, requests: list, w: Workload, rates: list[float], see
 @exits_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:  # the published CPU figures ran on one (a shared machine's second core stalls the other)
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     w = workload_for(args, device)
