@@ -35,7 +35,7 @@ def hf_folder(tmp_path):
     """A tiny GPT in Hugging Face's GPT-2 format (hf.py's export), with GPT-2's vocabulary: what --init-from
     reads for gpt2, without the download."""
     model = tiny_gpt(PROJECT, seed=4, vocab_size=50257, block_size=32)
-    P.hf.save_hf_dir(model, tmp_path / "hf")
+    load_project("project03_pretrain").hf.save_hf_dir(model, tmp_path / "hf")  # 03 exports; 08 only loads
     return tmp_path / "hf", model
 
 

@@ -124,26 +124,17 @@ def fmt_ratio(ratio: float) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cells = [
-        (
-            r["metric"],
-            r["variant"],
-            fmt(r["value"]),
-            r["unit"],
-            f"{fmt_ratio(r['ratio'])} vs {r['baseline']}" if "ratio" in r else "",
-        )
-        for r in rows
-    ]
+    """The rows as a table; the last column: the ratio to the baseline, then the row's note (why a value is
+    missing, or what a preset cannot show)."""
+    cells = [(r["metric"], r["variant"], fmt(r["value"]), r["unit"],
+              "  ".join(filter(None, [f"{fmt_ratio(r['ratio'])} vs {r['baseline']}" if "ratio" in r else "",
+                                      r.get("note", "")])))
+             for r in rows]  # fmt: skip
     header = ("metric", "variant", "value", "unit", "")
-    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(5)]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(4)]
     print()
     for c in [header, *cells]:
-        left = [
-            f"{c[0]:<{widths[0]}}",
-            f"{c[1]:<{widths[1]}}",
-            f"{c[2]:>{widths[2]}}",
-            f"{c[3]:<{widths[3]}}",
-        ]
+        left = [c[0].ljust(widths[0]), c[1].ljust(widths[1]), c[2].rjust(widths[2]), c[3].ljust(widths[3])]
         print("  ".join([*left, c[4]]).rstrip())
 
 

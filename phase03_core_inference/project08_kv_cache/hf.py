@@ -1,16 +1,16 @@
-"""GPT-2 in Hugging Face's format, both ways: load OpenAI's released weights (124M to 1.5B) into our GPT
-(generate.py and train.py --init-from gpt2), and save our GPT so that transformers.GPT2LMHeadModel reads it
-(benchmark.py compares with transformers' generate that way; project 03's hf.py is the script that exports).
+"""OpenAI's released GPT-2 weights (124M to 1.5B), in Hugging Face's format, loaded into our GPT (generate.py
+and train.py --init-from gpt2). The inference line only loads: project 03's hf.py also saves our GPT in that
+format, as a script.
 
 Two differences between the formats, besides the module names (h.0.attn.c_attn <-> blocks.0.attn.qkv):
 
 - Conv1D. OpenAI's GPT-2 code (TensorFlow) multiplied x @ W with W stored (in, out), and Hugging Face kept
   that layout in a `Conv1D` module for c_attn, c_proj and c_fc. nn.Linear computes x @ W.T with W stored
-  (out, in), so those four weights are transposed on the way in and back on the way out. Everything else
+  (out, in), so those four weights are transposed on the way in. Everything else
   (embeddings, LayerNorms, biases) has the same layout in both.
 - Vocabulary padding. Our wte / lm_head have padded_vocab_size rows (50257 -> 50304) and HF's have
   vocab_size. Loading appends zero rows; forward() slices the logits back to vocab_size, so a padded row is
-  never predicted and its value does not matter. Saving drops them again.
+  never predicted and its value does not matter.
 
 Shapes in comments: C = n_embd, V = vocab_size, Vp = padded_vocab_size.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cli import UserError
 from model import GPT, GPTConfig
@@ -73,48 +73,13 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
     )
 
 
-def config_to_hf(config: GPTConfig) -> dict:
-    """GPTConfig -> a dict that GPT2Config(**d) and config.json accept."""
-    eos = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>; unknown for other vocabs
-    return {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": config.vocab_size,  # unpadded: the padding is ours, HF's embedding has V rows
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,  # older name for the same thing, still read by some tools
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_embd": config.n_embd,
-        "n_inner": None,  # = 4 * n_embd
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eos,
-        "eos_token_id": eos,
-    }
-
-
-def _name_from_hf(key: str) -> str:
+def name_from_hf(key: str) -> str:
     key = key.removeprefix("transformer.")  # GPT2LMHeadModel has it, GPT2Model and OpenAI's files do not
     if key.startswith("h."):
         key = "blocks." + key.removeprefix("h.")
     for hf, ours in RENAMES.items():
         key = key.replace(hf, ours)
     return key
-
-
-def _name_to_hf(key: str) -> str:
-    if key.startswith("blocks."):
-        key = "h." + key.removeprefix("blocks.")
-    for hf, ours in RENAMES.items():
-        key = key.replace(ours, hf)
-    return "transformer." + key
 
 
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -126,7 +91,7 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dic
         if key == "lm_head.weight":
             lm_head = w
             continue
-        name = _name_from_hf(key)
+        name = name_from_hf(key)
         sd[name] = w.t() if name.endswith(CONV1D_WEIGHTS) else w  # Conv1D (in, out) -> Linear (out, in)
     wte = sd.get("wte.weight")  # (V, C)
     if wte is None or wte.shape != (config.vocab_size, config.n_embd):
@@ -137,21 +102,6 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dic
     padding = wte.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
     sd["wte.weight"] = sd["lm_head.weight"] = torch.cat([wte, padding])  # (Vp, C), tied
     return sd
-
-
-def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights -> GPT2LMHeadModel's state dict: transformer.* keys plus lm_head.weight (same tensor)."""
-    hf_sd = {}
-    for name, w in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # the same tensor as wte, added below
-        if name == "wte.weight":
-            w = w[: model.config.vocab_size]  # (V, C): padding rows dropped
-        elif name.endswith(CONV1D_WEIGHTS):
-            w = w.t()  # Linear (out, in) -> Conv1D (in, out)
-        hf_sd[_name_to_hf(name)] = w.detach().contiguous()
-    hf_sd["lm_head.weight"] = hf_sd["transformer.wte.weight"]
-    return hf_sd
 
 
 def load_hf_dir(path: str | Path, like: GPTConfig | None = None) -> GPT:
@@ -183,17 +133,6 @@ def load_hf_dir(path: str | Path, like: GPTConfig | None = None) -> GPT:
     except RuntimeError as e:  # missing, unexpected or misshapen weights
         raise HFFormatError(f"{path}: weights do not match its config.json ({e})") from e
     return model
-
-
-def save_hf_dir(model: GPT, path: str | Path) -> None:
-    """Write config.json and model.safetensors, readable by GPT2LMHeadModel.from_pretrained(path)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share memory; lm_head.weight is wte's, and HF re-ties it on load.
-    hf_sd = {k: v.cpu() for k, v in state_dict_to_hf(model).items() if k != "lm_head.weight"}
-    hf_sd["transformer.wte.weight"] = hf_sd["transformer.wte.weight"].clone()  # own the V rows, not Vp
-    save_file(hf_sd, path / "model.safetensors", metadata={"format": "pt"})  # "pt": what HF expects
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
 
 
 def load_gpt2(name_or_path: str, cache_dir: str | Path | None = None, like: GPTConfig | None = None) -> GPT:

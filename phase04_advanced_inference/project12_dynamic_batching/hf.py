@@ -1,6 +1,6 @@
 """OpenAI's released GPT-2 weights (124M to 1.5B), in Hugging Face's format, loaded into our GPT (generate.py
-and train.py --init-from gpt2). Project 08's hf.py also saves our GPT in that format, for its comparison
-with transformers; from project 09 on only the loading is used.
+and train.py --init-from gpt2). The inference line only loads: project 03's hf.py also saves our GPT in that
+format, as a script.
 
 Two differences between the formats, besides the module names (h.0.attn.c_attn <-> blocks.0.attn.qkv):
 
@@ -73,7 +73,7 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
     )
 
 
-def _name_from_hf(key: str) -> str:
+def name_from_hf(key: str) -> str:
     key = key.removeprefix("transformer.")  # GPT2LMHeadModel has it, GPT2Model and OpenAI's files do not
     if key.startswith("h."):
         key = "blocks." + key.removeprefix("h.")
@@ -91,7 +91,7 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig) -> dic
         if key == "lm_head.weight":
             lm_head = w
             continue
-        name = _name_from_hf(key)
+        name = name_from_hf(key)
         sd[name] = w.t() if name.endswith(CONV1D_WEIGHTS) else w  # Conv1D (in, out) -> Linear (out, in)
     wte = sd.get("wte.weight")  # (V, C)
     if wte is None or wte.shape != (config.vocab_size, config.n_embd):
