@@ -204,6 +204,22 @@ def test_benchmark_runs_on_a_tiny_checkpoint(tiny_runs, tmp_path):
         assert rows[("cache_mib_allocated", b)]["value"] == rows[("cache_mib_at_context", b)]["value"]
         assert rows[("perplexity", f"{b}, R=4")]["value"] > 0
     assert rows[("decode_tok_per_s", "int4, batch 1")]["value"] > 0
+    assert "note" not in rows[("perplexity", "int4, R=4")]
+
+
+def test_a_residual_window_as_long_as_the_context_is_named_in_the_table(tiny_runs, tmp_path):
+    """The tiny model's context is 32 tokens, the default window too: nothing is quantised, and the rows
+    say so instead of showing every format identical to the plain cache without a word."""
+    ckpt, data = tiny_runs.checkpoint(PROJECT), tiny_runs.data(PROJECT)
+    flags = ["--checkpoint", ckpt, "--data", data, "--preset", "tiny", "--device", "cpu", "--out", tmp_path,
+             "--eval-tokens", "64", "--batch-size", "4", "--prompts", "1", "--kv-group-size", "8",
+             "--prompt-tokens", "8", "--decode-tokens", "2", "--repeats", "1"]  # fmt: skip
+    out = printed(P.benchmark, *flags)
+    rows = read_report(tmp_path, PROJECT)
+    assert (
+        "nothing is quantised" in rows[("perplexity", "int4, R=32")]["note"] and "nothing is quantised" in out
+    )
+    assert "note" not in rows[("perplexity", "int4, R=0")]
 
 
 def test_kv_residual_without_kv_bits_is_refused(tiny_runs, capsys):

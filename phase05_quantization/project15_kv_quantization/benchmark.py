@@ -128,6 +128,11 @@ def quality_rows(args) -> tuple[list[dict], dict]:
             row("greedy_agreement_pct", name, 100 * match.mean().item(), "%"),
             row("greedy_tokens_before_divergence", name, diverged.float().mean().item(), "tokens"),
         ]
+        if fmt is not None and fmt.residual >= T:  # e.g. the tiny preset's 32 tokens at the default R = 32
+            rows[-5:] = [
+                {**r, "note": f"R = {fmt.residual} >= the context, {T}: nothing is quantised"}
+                for r in rows[-5:]
+            ]
     config = dict(
         checkpoint=str(ckpt), data=str(data), held_out_tokens=ids[:, 1:].numel(), context=T,
         greedy=f"{prompts.size(0)} held-out prompts of {prompt_len} tokens, {new_tokens} new tokens each",
