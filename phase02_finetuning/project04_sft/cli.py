@@ -38,9 +38,8 @@ class _Help(argparse.HelpFormatter):
     """--help shows each flag's default where it has one, from the one place that defines it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in (
-            action.help or ""
-        )
+        given = action.default is not None and action.default is not False  # 0 is shown, False is not
+        shown = given and action.default != argparse.SUPPRESS and "default" not in (action.help or "")
         return f"{action.help} (default: %(default)s)" if shown else action.help or ""
 
 

@@ -83,12 +83,21 @@ class Trace:
     seqs_per_step: float = 0.0
 
 
+def per_workload(field: str) -> str:
+    """--help's default for a workload's field: each device's, and the tiny preset's."""
+    return "default: " + ", ".join(f"{name} {getattr(w, field)}" for name, w in WORKLOADS.items())
+
+
 def parse_args(argv):
     p = ArgumentParser(description="Benchmark continuous batching against static batching, as vLLM does.")
     p.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET, help="model shape to time")
-    p.add_argument("--requests", type=positive_int, default=None, help="offline requests (default: workload)")
-    p.add_argument("--online-requests", type=positive_int, default=None, help="requests at each rate")
-    p.add_argument("--max-num-seqs", type=positive_int, default=None, help="requests running at once")
+    p.add_argument("--requests", type=positive_int, help=f"offline requests ({per_workload('requests')})")
+    p.add_argument(
+        "--online-requests", type=positive_int, help=f"at each rate ({per_workload('online_requests')})"
+    )
+    p.add_argument(
+        "--max-num-seqs", type=positive_int, help=f"running at once ({per_workload('max_num_seqs')})"
+    )
     p.add_argument(
         "--rates",
         type=rates_list,

@@ -79,14 +79,21 @@ class Run:
     preemptions: int = 0
 
 
+def per_workload(field: str) -> str:
+    """--help's default for a workload's field: each device's, and the tiny preset's."""
+    return "default: " + ", ".join(f"{name} {getattr(w, field)}" for name, w in WORKLOADS.items())
+
+
 def parse_args(argv):
     p = ArgumentParser(
         description="Benchmark paged KV memory against a contiguous reservation, as vLLM does."
     )
     p.add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET, help="model shape to time")
-    p.add_argument("--requests", type=positive_int, default=None, help="requests (default: workload)")
+    p.add_argument("--requests", type=positive_int, help=f"requests ({per_workload('requests')})")
     p.add_argument(
-        "--budget-contexts", type=positive_int, default=None, help="the KV budget, in whole contexts"
+        "--budget-contexts",
+        type=positive_int,
+        help=f"the KV budget in contexts ({per_workload('budget_contexts')})",
     )
     p.add_argument("--seed", type=non_negative_int, default=0, help="the workload's random lengths")
     add_device_args(p)
