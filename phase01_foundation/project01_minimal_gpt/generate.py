@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import DEFAULT_DIR, load_checkpoint
 from cli import (
@@ -58,11 +59,14 @@ def sample(model: GPT, tokenizer: CharTokenizer, idx: torch.Tensor, args, gen, a
     pieces = []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
     with amp:
-        for next_id in model.generate_stream(idx, args.max_new_tokens, **sampling):
-            piece = tokenizer.decode(next_id[0].tolist())
-            pieces.append(piece)
-            if stream:
-                print(piece, end="", flush=True)
+        steps = model.generate_stream(idx, args.max_new_tokens, **sampling)
+    if not stream:  # the text comes at the end: a bar on stderr meanwhile (none when it is not a terminal)
+        steps = tqdm(steps, total=args.max_new_tokens, desc="sampling", unit="tok", leave=False, disable=None)
+    for next_id in steps:
+        piece = tokenizer.decode(next_id[0].tolist())
+        pieces.append(piece)
+        if stream:
+            print(piece, end="", flush=True)
     return "".join(pieces)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import DEFAULT_DIR, load_checkpoint
 from cli import (
@@ -80,10 +81,13 @@ def sample(model: GPT, tokenizer: GPT2Tokenizer, idx: torch.Tensor, args, gen, a
     pieces = []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
     with amp:
-        for next_id in model.generate_stream(idx, args.max_new_tokens, **sampling):
-            pieces.append(utf8.decode(tokenizer.id_to_bytes(next_id.item())))
-            if stream and pieces[-1]:
-                print(pieces[-1], end="", flush=True)
+        steps = model.generate_stream(idx, args.max_new_tokens, **sampling)
+    if not stream:  # the text comes at the end: a bar on stderr meanwhile (none when it is not a terminal)
+        steps = tqdm(steps, total=args.max_new_tokens, desc="sampling", unit="tok", leave=False, disable=None)
+    for next_id in steps:
+        pieces.append(utf8.decode(tokenizer.id_to_bytes(next_id.item())))
+        if stream and pieces[-1]:
+            print(pieces[-1], end="", flush=True)
     pieces.append(utf8.decode(b"", final=True))  # bytes still pending at the end become U+FFFD
     if stream:
         print(pieces[-1], end="", flush=True)

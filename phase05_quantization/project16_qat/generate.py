@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import DEFAULT_DIR, MODELS_DIR, checkpoint_exists, load_checkpoint
 from cli import (
@@ -103,7 +104,10 @@ def sample(model: GPT, tokenizer: Tokenizer, idx: torch.Tensor, args, gen, strea
     pieces = []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
     sampling["use_cache"] = not args.no_cache  # the KV cache unless --no-cache
-    for next_id in model.generate_stream(idx, args.max_new_tokens, **sampling):
+    steps = model.generate_stream(idx, args.max_new_tokens, **sampling)
+    if not stream:  # the text comes at the end: a bar on stderr meanwhile (none when it is not a terminal)
+        steps = tqdm(steps, total=args.max_new_tokens, desc="sampling", unit="tok", leave=False, disable=None)
+    for next_id in steps:
         pieces.append(utf8.decode(tokenizer.id_to_bytes(next_id.item())))
         if stream and pieces[-1]:
             print(pieces[-1], end="", flush=True)
