@@ -213,8 +213,8 @@ def test_init_from_refuses_a_quantized_checkpoint(qat_ckpt, tmp_path, capsys):
 
 
 def test_init_from_project01_starts_from_its_weights(char_ckpt):
-    config = json.loads((char_ckpt / "config.json").read_text())["model"]
-    model = P.loader.start_model(str(char_ckpt), P.model.GPTConfig(**config)).eval()
+    config = json.loads((char_ckpt / "config.json").read_text())
+    model = P.loader.start_model(str(char_ckpt), P.loader.model_config(config)).eval()
     assert_gives_project01s_logits(model, char_ckpt)
 
 
@@ -224,6 +224,7 @@ def test_qat_fine_tuning_of_a_character_model(char_ckpt, tiny_runs, tmp_path, ca
     assert run_main(P.train, "--preset", "tiny", "--device", "cpu", *flags, "--out", out) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["tokenizer"] == json.loads((char_ckpt / "config.json").read_text())["tokenizer"]
+    assert config["model"]["gelu"] == "none"  # project 01's exact GELU goes on with the weights
     chars = config["tokenizer"]["chars"]
     model, _ = P.checkpoint.load_checkpoint(out)
     sample = printed(P.generate, "--checkpoint", out, "--prompt", "ROMEO:", "--max-new-tokens", 8,

@@ -69,8 +69,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 used the tanh approximation of GELU; keeping it makes GPT-2 weights load exactly later on.
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        # The exact GELU, as nanoGPT's; project 03 switches to GPT-2's tanh approximation, for its weights.
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):

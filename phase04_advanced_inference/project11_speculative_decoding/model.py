@@ -137,7 +137,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 used the tanh approximation of GELU; keeping it makes GPT-2 weights load exactly later on.
+        # GPT-2's tanh approximation of GELU (projects 01-02 use the exact one): GPT-2's weights were trained
+        # with it, so they load exactly.
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 

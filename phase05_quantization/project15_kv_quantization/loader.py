@@ -3,6 +3,7 @@ model, GPT-2's weights), their tokenizers and text, the calibration windows GPTQ
 that quantize.py writes. A module the scripts share (quantize.py, generate.py, benchmark.py), so that no
 script imports another."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
                         "quantize the checkpoint it was made from")  # fmt: skip
     if config["project"] == PROJECT01.name:  # its layout (a QAT run of it keeps characters, not its layout)
         try:
-            model = GPT(GPTConfig(**config["model"]))
+            model = GPT(model_config(config))
         except (TypeError, ValueError, AssertionError) as e:
             raise UserError(
                 f"checkpoint {checkpoint} has a model config this project cannot read ({e})"
@@ -48,6 +49,13 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
     else:
         model, config = load_checkpoint(checkpoint, device)
     return model, {"tokenizer": config["tokenizer"], "training": config["training"]}
+
+
+def model_config(config: dict) -> GPTConfig:
+    """A checkpoint's model config for this GPT: project 01's computes the exact GELU, GPT-2's tanh form the
+    rest (a checkpoint this lineage wrote records which)."""
+    mc = GPTConfig(**config["model"])
+    return replace(mc, gelu="none") if config["project"] == PROJECT01.name else mc
 
 
 def token_split(data: Path, split: str, chars: str | None = None) -> np.ndarray:

@@ -31,6 +31,7 @@ class GPTConfig:
     dropout: float = 0.0
     flash: bool = True  # fused attention (F.scaled_dot_product_attention); False = written out
     triton: bool = True  # with flash, our FlashAttention-2 kernels (flash_attention.py) where they run
+    gelu: str = "tanh"  # F.gelu's approximation: GPT-2's "tanh", or "none" (exact) for project 01's model
 
     @property
     def padded_vocab_size(self) -> int:
@@ -134,10 +135,12 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu = config.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 used the tanh approximation of GELU; keeping it makes GPT-2 weights load exactly later on.
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        # GPT-2's tanh approximation of GELU, which its weights were trained with; project 01's model (which
+        # phase 5 quantizes) used the exact one, gelu="none".
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.gelu)))
 
 
 class Block(nn.Module):
