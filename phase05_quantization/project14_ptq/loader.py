@@ -52,8 +52,9 @@ def load_float_model(checkpoint: Path, init_from: str | None, device) -> tuple[G
 
 
 def model_config(config: dict) -> GPTConfig:
-    """A checkpoint's model config for this GPT: project 01's computes the exact GELU, GPT-2's tanh form the
-    rest (a checkpoint this lineage wrote records which)."""
+    """A checkpoint's model config for this GPT. Project 01's config does not record its GELU: its model
+    computes the exact one (since 2026-12-07; older runs used the tanh form, within 5e-4 of it). A checkpoint
+    that this GPT wrote records its own `gelu` (a QAT run of project 01's model keeps "none")."""
     mc = GPTConfig(**config["model"])
     return replace(mc, gelu="none") if config["project"] == PROJECT01.name else mc
 

@@ -31,7 +31,7 @@ class GPTConfig:
     dropout: float = 0.0
     flash: bool = True  # fused attention (F.scaled_dot_product_attention); False = written out
     triton: bool = True  # with flash, our FlashAttention-2 kernels (flash_attention.py) where they run
-    gelu: str = "tanh"  # F.gelu's approximation: GPT-2's "tanh", or "none" (exact) for project 01's model
+    gelu: str = "tanh"  # F.gelu's approximate=: GPT-2's "tanh", or "none" = the exact GELU (project 01's)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     group = spec["group_size"] or "per channel"
     print(
         f"{args.method}, {spec['bits']} bits, group {group}: the blocks' {len(names)} Linear layers "
-        f"{before / 2**20:.2f} -> {after / 2**20:.2f} MiB ({before / after:.1f}x smaller); wrote {args.out}"
+        f"{before / 2**20:.3g} -> {after / 2**20:.3g} MiB ({before / after:.1f}x smaller); wrote {args.out}"
     )
     return 0
 
