@@ -38,7 +38,7 @@ def test_commands_find_what_the_commands_before_them_wrote(readme):
         folder = script.rsplit("/", 1)[0] if "/" in script else readme.parent.name
         project = folder.rsplit("/", 1)[-1]
         name = script.rsplit("/", 1)[-1]
-        if name in ("train.py", "quantize.py") and "--resume" not in words:
+        if name in ("train.py", "quantize.py", "prune.py") and "--resume" not in words:
             out = flag(words, "--out") or ""
             assert out not in written.get(project, set()) or "--overwrite" in words, (
                 f"{' '.join(words)}: --out {out or '(default)'} already holds an earlier command's checkpoint"
@@ -121,7 +121,7 @@ def test_no_two_readmes_train_into_the_same_folder():
             if (
                 out
                 and out.startswith("data/models/")
-                and words[1].rsplit("/", 1)[-1] in ("train.py", "quantize.py")
+                and words[1].rsplit("/", 1)[-1] in ("train.py", "quantize.py", "prune.py")
             ):
                 assert owners.setdefault(out, readme.parent.name) == readme.parent.name, (
                     f"{readme.parent.name} and {owners[out]} both write {out}"
