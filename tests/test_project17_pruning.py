@@ -116,10 +116,13 @@ def _column_by_column_sparsegpt(w, H, sp, block, damp=0.01):
     return W
 
 
-@pytest.mark.parametrize("sp", [R.Sparsity(0.5), R.Sparsity(0.6), R.Sparsity(0.5, 2, 4)], ids=str)
+@pytest.mark.parametrize(
+    "sp", [R.Sparsity(0.5), R.Sparsity(0.6), R.Sparsity(0.5, 2, 4), R.Sparsity(2 / 3, 1, 3)], ids=str
+)
 def test_sparsegpt_equals_the_column_by_column_algorithm(sp):
     """The Cholesky factor and the lazy block updates (blocks of 64 over 192 columns, so errors cross block
-    boundaries) change the arithmetic, not the result: the same mask and the same weights."""
+    boundaries; 63 for 1:3, so no group straddles two blocks) change the arithmetic, not the result: the same
+    mask and the same weights."""
     w, X = torch.randn(16, 192, generator=torch.Generator().manual_seed(2)), _activations(0, K=192)
     H = 2 * X.t() @ X / len(X)
     got = R.sparsegpt(w, H, sp, block=64).double()
@@ -260,6 +263,7 @@ def test_recovery_through_prune_py_is_recorded(char_ckpt, tmp_path):
         (["--method", "wanda", "--bits", "4"], "--bits"),
         (["--method", "sparsegpt", "--bits", "4", "--group-size", "24"], "group size"),
         (["--method", "structured", "--heads", "1"], "--heads"),
+        (["--method", "sparsegpt", "--bits", "4", "--recover-iters", "2"], "--recover-iters"),
     ],
 )
 def test_bad_prune_flags_are_one_line(char_ckpt, tmp_path, capsys, flags, says):

@@ -201,8 +201,11 @@ def target_rows(ppl: dict) -> list[dict]:
     for label in PATTERNS:
         base = ppl[f"magnitude {label}"]
         for method in ("wanda", "sparsegpt"):
-            closed = 100 * (base - ppl[f"{method} {label}"]) / (base - dense) if base > dense else None
-            rows.append(row("gap_closed_pct", f"{method} {label} vs magnitude", closed, "%"))
+            if base - dense > 0.01 * dense:
+                closed, note = 100 * (base - ppl[f"{method} {label}"]) / (base - dense), None
+            else:  # a gap within 1% of dense (an untrained model, say) would make any share meaningless
+                closed, note = None, "magnitude's gap to dense is under 1%"
+            rows.append(row("gap_closed_pct", f"{method} {label} vs magnitude", closed, "%", note=note))
     s = ppl[f"structured {STRUCTURED[0]:.0%} + recovery"]
     return rows + [
         row(

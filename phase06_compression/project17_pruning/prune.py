@@ -75,6 +75,8 @@ def resolve(args) -> dict:
     """What the flags ask for, or one line saying which of them contradict each other."""
     if args.bits and args.method != "sparsegpt":
         raise UserError("--bits 4 rounds the weights SparseGPT keeps; use it with --method sparsegpt")
+    if args.bits and args.recover_iters:
+        raise UserError("--recover-iters would move the weights SparseGPT rounded off the int4 grid")
     if args.pattern and args.method == "structured":
         raise UserError("--pattern is for magnitude, wanda and sparsegpt; structured removes whole heads")
     if args.method == "structured":

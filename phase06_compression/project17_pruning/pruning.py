@@ -16,6 +16,7 @@ the embedding, tied to lm_head, and the LayerNorms stay whole, as in all three p
 Shapes in comments: N = out_features, K = in_features, C = n_embd, hs = head size.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -104,15 +105,19 @@ def sparsegpt(
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1) for one layer: prune W (N, K) while minimising
     ||W X - W' X||^2 on the calibration inputs, H = 2 X X^T (K, K). Returns W' (N, K): pruned weights are
     exactly 0 and the kept ones updated to make up for them (and, with bits=4, on an int4 grid in groups of
-    group_size). block: columns whose mask is chosen together and whose updates are applied lazily."""
+    group_size). block: columns whose mask is chosen together and whose updates are applied lazily (made a
+    multiple of M for N:M, so that no group of M columns straddles two blocks)."""
     W = weight.detach().float().clone()  # (N, K), updated as columns are visited
     N, K = W.shape
     H = hessian.float().clone()
-    dead = torch.diag(H) == 0  # inputs that were always 0: nothing to compensate with
+    # Inputs that were always 0: nothing to compensate with. (The reference code also zeroes their weights;
+    # here they stay, so that the sparsity is exactly what was asked.)
+    dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H += damp * torch.diag(H).mean() * torch.eye(K, device=H.device)  # dampening keeps the inverse stable
     # Upper Cholesky factor of H^-1, as in GPTQ: row i holds how column i's error spreads over later columns.
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    block = sp.m * max(1, block // sp.m) if sp.m else block
     if bits is not None and (block % group_size or K % group_size):
         raise ValueError(
             f"group size {group_size} must divide the {K} inputs and the block of {block} columns"
@@ -196,8 +201,9 @@ def sparsity_of(model: GPT) -> float:
 
 
 def taylor_scores(model: GPT, calibration: torch.Tensor, batch: int = 8) -> list[tuple[torch.Tensor, ...]]:
-    """LLM-Pruner's first-order importance of each head and MLP channel: the loss changes by about
-    sum |w * dL/dw| over a group's weights when they are removed. Per block: (heads (nh,), channels (4C,))."""
+    """LLM-Pruner's first-order importance of each head and MLP channel: removing a weight w changes the loss
+    by about -w * dL/dw (Taylor), and a group scores the sum of |w * dL/dw| over its weights (LLM-Pruner's
+    element-wise importance). Per block: (heads (nh,), channels (4C,))."""
     model.zero_grad(set_to_none=True)
     for chunk in calibration.split(batch):  # next-token loss on the calibration windows
         model(chunk[:, :-1], chunk[:, 1:])[1].backward()
@@ -221,17 +227,18 @@ def structured_prune(
     model: GPT, heads: float, channels: float, calibration: torch.Tensor
 ) -> tuple[GPT, list[tuple[torch.Tensor, torch.Tensor]]]:
     """A new, smaller GPT without the least important fraction `heads` of each layer's attention heads and
-    `channels` of its MLP channels (the same fraction in every layer, as LLM-Pruner; at least one of each
-    stays). Returns it and, per block, the (heads, channels) kept, in their original order."""
+    `channels` of its MLP channels (the same fraction in every layer, rounded to the nearest count, halves
+    removed; at least one of each stays). Returns it and, per block, the (heads, channels) kept, in their
+    original order."""
     for what, fraction in (("heads", heads), ("channels", channels)):
         if not 0 <= fraction < 1:
             raise ValueError(f"the fraction of {what} to remove must be in [0, 1), got {fraction}")
     with torch.enable_grad():
         scores = taylor_scores(model, calibration)
     kept = []
+    left = lambda n, fraction: max(1, n - math.floor(n * fraction + 0.5))  # halves removed
     for head_score, channel_score in scores:
-        n_heads = max(1, round(len(head_score) * (1 - heads)))
-        n_channels = max(1, round(len(channel_score) * (1 - channels)))
+        n_heads, n_channels = left(len(head_score), heads), left(len(channel_score), channels)
         kept.append(
             (
                 head_score.topk(n_heads).indices.sort().values,
