@@ -299,12 +299,23 @@ def test_vocabulary_mismatch_exits_2_with_one_line(tiny_runs, tmp_path, capsys):
         (["--teacher", "T", "--alpha", "1.5"], "--alpha"),
         (["--teacher", "T", "--divergence", "tvd"], "--divergence"),
         (["--teacher", "T", "--student-width", "48"], "--student-init scratch"),
+        (["--teacher", "T", "--top-k", "50257"], "--top-k"),  # before a cache file of that size is made
     ],
 )
 def test_bad_distillation_flags(tiny_runs, tmp_path, capsys, flags, wanted):
     flags = [str(tiny_runs.checkpoint(PROJECT)) if f == "T" else f for f in flags]
     rc = train_tiny("--data", tiny_runs.data(PROJECT), *flags, "--out", tmp_path / "s")
     assert wanted in assert_one_line_error(capsys, rc)
+
+
+def test_a_teacher_whose_model_config_is_another_projects_is_one_line(tiny_runs, tmp_path, capsys):
+    """Project 19's checkpoints record fields (share, embd_dim, repeat) this GPT does not have."""
+    teacher = shutil.copytree(tiny_runs.checkpoint(PROJECT), tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    config["model"] |= {"share": "none", "embd_dim": 0, "repeat": 1}
+    (teacher / "config.json").write_text(json.dumps(config))
+    rc = train_tiny("--data", tiny_runs.data(PROJECT), "--teacher", teacher, "--out", tmp_path / "s")
+    assert "model config" in assert_one_line_error(capsys, rc)
 
 
 def test_resume_cannot_change_the_teacher_or_the_loss(tiny_runs, tmp_path, capsys):

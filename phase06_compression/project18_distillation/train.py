@@ -157,8 +157,8 @@ DISTILL_FLAGS = {
     "beta": (unit_fraction, "jsd's interpolation: 0 is forward KL, 1 reverse KL"),
     "on_policy": (unit_fraction, "GKD's lambda: the share of micro-batches the student samples itself"),
     "top_k": (non_negative_int, "0: run the teacher on the fly; k: its top-k log-probs, precomputed once"),
-    "student_layers": (positive_int, "the student's layers (0: half the teacher's)"),
-    "student_width": (positive_int, "the student's n_embd (0: the teacher's; needs --student-init scratch)"),
+    "student_layers": (non_negative_int, "the student's layers (0: half the teacher's)"),
+    "student_width": (non_negative_int, "the student's n_embd (0: the teacher's; another: scratch init)"),
     "student_init": (one_of("teacher", "scratch"), "teacher: every other teacher layer (DistilBERT)"),
 }
 FIXED_ON_RESUME = (
@@ -362,7 +362,15 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
         mc = override(mc, args, MODEL_FLAGS)
         if args.teacher is not None:  # NEW: the student's shape follows the teacher's
             cfg = override(DistillConfig(), args, DISTILL_FLAGS)
-            teacher = GPTConfig(**read_config(Path(args.teacher), tokenizer="tiktoken")["model"])
+            recorded = read_config(Path(args.teacher), tokenizer="tiktoken")
+            try:
+                teacher = GPTConfig(**recorded["model"])
+            except (TypeError, ValueError) as e:  # another project's model (project 19's shared GPT, say)
+                raise UserError(f"--teacher {args.teacher}: {recorded.get('project')}'s model config is not "
+                                f"this project's GPT ({e})") from e  # fmt: skip
+            if cfg.top_k >= teacher.vocab_size:
+                raise UserError(f"--top-k {cfg.top_k} keeps the whole {teacher.vocab_size}-token vocabulary; "
+                                "use 0 (the full distribution, on the fly) or fewer")  # fmt: skip
             mc = student_config(teacher, cfg, mc.vocab_size, mc.dropout)
             meta["training"]["distill"] = {"teacher": args.teacher, **asdict(cfg)}
         elif any(getattr(args, name) is not None for name in DISTILL_FLAGS):
