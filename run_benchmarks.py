@@ -9,15 +9,17 @@ python run_benchmarks.py --device cuda --budget 480       # a GPU's figures for 
 python run_benchmarks.py --list                           # the plan and each step's command, nothing run
 
 On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a briefly pre-trained base,
-which the fine-tuning projects reuse), project 08 times decoding with and without the KV cache, project 09
-times its Triton attention kernels against SDPA and explicit attention, project 10 times the first token
-with and without its prefix cache on a shared-prefix workload, project 11 trains a target and a draft and
-times speculative decoding, projects 14 and 16 quantize project 01's character model (trained once, for
-both) and project 14 times decoding at 124M's shape, project 15 quantizes the KV cache (at 124M's shape, with
-project 03's model for perplexity), projects 12-13 serve a varied-length workload, project 03
-measures GPT-2 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run)
-for its val loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on
-the weights; their quality figures then mean little, and the results' config says how many steps made them).
+which the fine-tuning projects reuse), phase 6 (no GPU figure yet) prunes project 01's character model
+(trained once, for phases 5 and 6) and times 2:4 sparse matmuls, distils a 6-layer student from a briefly
+trained 124M teacher and trains six ways of sharing weights at 124M's shape, project 08 times decoding with
+and without the KV cache, project 09 times its Triton attention kernels against SDPA and explicit attention,
+project 10 times the first token with and without its prefix cache on a shared-prefix workload, project 11
+trains a target and a draft and times speculative decoding, projects 14 and 16 quantize project 01's character
+model and project 14 times decoding at 124M's shape, project 15 quantizes the KV cache (at 124M's shape, with
+project 03's model for perplexity), projects 12-13 serve a varied-length workload, project 03 measures GPT-2
+124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run) for its val
+loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on the weights;
+their quality figures then mean little, and the results' config says how many steps made them).
 On a CPU the presets are the small ones.
 """
 
@@ -54,10 +56,11 @@ def plan() -> list[Job]:
     """The jobs in priority order. Paths are the benchmark checkpoints under data/models/benchmarks/."""
     p01, p03, p04, p06 = (str(MODELS / name) for name in ("p01", "p03", "p04", "p06"))
     p11t, p11d = (str(MODELS / name) for name in ("p11_target", "p11_draft"))
+    p18t = str(MODELS / "p18_teacher")  # project 18's teacher, trained by project 07's train.py
     short = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "2"]
     new, no_eval = "--overwrite", ["--eval-samples", "0"]
 
-    chars = str(MODELS / "p01_chars")  # projects 14 and 16 read it; the first of them in a run trains it
+    chars = str(MODELS / "p01_chars")  # projects 14, 16 and 17 read it; the first of them in a run trains it
 
     def char_model(preset: str) -> tuple[str, list[str]]:  # phase 5's testbed: project 01's model
         args = ["--preset", preset, "--data", str(TEXT), "--out", chars, new]
@@ -75,6 +78,40 @@ def plan() -> list[Job]:
                       ("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--checkpoint", p03])],
              "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "3",
                                        "--warmup", "1", "--gen-tokens", "16"])]}),
+        Job("project17_pruning",
+            {"cuda": "magnitude/Wanda/SparseGPT at 50%, 4:8, 2:4 and structured on project 01's char model; "
+                     "tok/s at 124M; 2:4 semi-structured matmul vs dense fp16",
+             "cpu": "the same table on a tiny char model; tok/s at the tiny preset's shape"},
+            {"cuda": 100, "cpu": 60},
+            {"cuda": [char_model("cpu"),
+                      ("benchmark.py", ["--checkpoint", chars, "--data", str(TEXT), "--calibration-samples",
+                                        "64", "--sweep", "0.3,0.5,0.7", "--repeats", "3"])],
+             "cpu": [char_model("tiny"),
+                     ("benchmark.py", ["--checkpoint", chars, "--data", str(TEXT), "--preset", "tiny",
+                                       "--calibration-samples", "16", "--eval-tokens", "4096",
+                                       "--recover-iters", "20", "--sweep", "0.5", "--repeats", "3",
+                                       "--threads", "1"])]}),
+        Job("project18_distillation",
+            {"cuda": "a GPT-2 124M teacher (100 steps), a 6-layer student alone vs distilled: perplexity, "
+                     "decode and training tok/s",
+             "cpu": "a tiny teacher, a 1-layer student alone vs distilled; the top-k tail vs the full KL"},
+            {"cuda": 180, "cpu": 60},
+            {"cuda": [("project07_mixed_precision/train.py", ["--preset", "gpt2", "--data", str(SHARDS),
+                                                              "--max-iters", "100", "--eval-interval", "100",
+                                                              "--eval-iters", "2", "--total-batch-tokens",
+                                                              "65536", "--out", p18t, new]),
+                      ("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--checkpoint", p18t])],
+             "cpu": [("project07_mixed_precision/train.py", ["--preset", "tiny", "--data", str(SHARDS),
+                                                             "--out", p18t, new]),
+                     ("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--checkpoint", p18t,
+                                       "--steps", "4", "--threads", "1"])]}),
+        Job("project19_weight_sharing",
+            {"cuda": "six ways of sharing at GPT-2 124M's shape, 40 steps each: parameters, size, FLOPs, "
+                     "time per token, perplexity",
+             "cpu": "the same six at the tiny preset's shape, 20 steps each"},
+            {"cuda": 120, "cpu": 90},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--steps", "40"])],
+             "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "20"])]}),
         Job("project08_kv_cache",
             {"cuda": "decoding at 124M, 128 and 1,000 tokens: no cache, KV cache, compiled, transformers",
              "cpu": "decoding at the cpu preset's shape: no cache vs KV cache vs transformers"},

@@ -67,6 +67,9 @@ GOLDEN = {
     "project14_ptq": PADDED_GPT2,  # project 09's model; quantization only swaps the blocks' Linear layers
     "project15_kv_quantization": PADDED_GPT2,  # project 14's model; the plain KVCache stays the default
     "project16_qat": PADDED_GPT2,  # project 14's model; QAT changes only the Linears in training
+    "project17_pruning": PADDED_GPT2,  # project 14's model; pruning zeroes weights, the forward is unchanged
+    "project18_distillation": PADDED_GPT2,  # project 07's model; distillation changes only the loss
+    "project19_weight_sharing": PADDED_GPT2,  # project 07's model; sharing is off by default
 }
 
 
