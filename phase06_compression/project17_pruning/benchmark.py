@@ -39,8 +39,7 @@ from cli import (
 from config import PRESETS
 from loader import PROJECT01, calibration_batch, load_float_model, token_split, training_data
 from model import GPT
-from pruning import Sparsity, prune_model, recover, sparsity_of, structured_prune
-from quantization import collect_hessians
+from pruning import Sparsity, block_hessians, prune_model, recover, sparsity_of, structured_prune
 from results import add_output_args, compare, print_table, row, time_it, write_report
 
 PATTERNS = {"50%": Sparsity(0.5), "4:8": Sparsity(0.5, 4, 8), "2:4": Sparsity(0.5, 2, 4)}
@@ -84,15 +83,11 @@ def input_norm_spread(model: GPT, calibration: torch.Tensor) -> list[float]:
     """Per Linear of the blocks, max ||X_j|| / median ||X_j|| over its input features: how unevenly sized
     the inputs are. Wanda's scores differ from magnitude's only as far as this is above 1 (LLMs' outlier
     features put it far above)."""
-    T = calibration.size(1)
-    x = model.wte(calibration) + model.wpe(torch.arange(T, device=calibration.device))  # (B, T, C)
     spread = []
-    for block in model.blocks:
-        names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-        for h in collect_hessians(block, x, names).values():
+    for _, hessians in block_hessians(model, calibration):
+        for h in hessians.values():
             norms = torch.diag(h).sqrt()  # ||X_j|| up to a constant
             spread.append((norms.max() / norms.median()).item())
-        x = torch.cat([block(chunk) for chunk in x.split(8)])
     return spread
 
 

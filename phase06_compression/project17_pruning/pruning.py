@@ -176,19 +176,26 @@ def prune_model(
         return model
     if calibration is None:
         raise ValueError(f"{method} needs calibration data")
+    for block, hessians in block_hessians(model, calibration):
+        for name, h in hessians.items():
+            linear = block.get_submodule(name)
+            if method == "wanda":
+                linear.weight.mul_(wanda_mask(linear.weight, h, sp))
+            else:
+                linear.weight.copy_(sparsegpt(linear.weight, h, sp, bits, group_size))
+    return model
+
+
+def block_hessians(model: GPT, calibration: torch.Tensor):
+    """Block by block, each block with the Hessians of its Linear layers {name: H (K, K)}, from its inputs on
+    the calibration windows (B, T): the outputs of the blocks before it, as they are once the caller has
+    moved on from them (pruned, in prune_model), as in Wanda's and SparseGPT's reference code."""
     T = calibration.size(1)
     x = model.wte(calibration) + model.wpe(torch.arange(T, device=calibration.device))  # (B, T, C)
     for block in model.blocks:
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        hessians = collect_hessians(block, x, names)  # every layer's inputs, before any of them is pruned
-        for name in names:
-            linear = block.get_submodule(name)
-            if method == "wanda":
-                linear.weight.mul_(wanda_mask(linear.weight, hessians[name], sp))
-            else:
-                linear.weight.copy_(sparsegpt(linear.weight, hessians[name], sp, bits, group_size))
-        x = torch.cat([block(chunk) for chunk in x.split(8)])  # the pruned block's outputs feed the next
-    return model
+        yield block, collect_hessians(block, x, names)  # every layer's inputs, before any is pruned
+        x = torch.cat([block(chunk) for chunk in x.split(8)])  # this block's outputs (pruned) feed the next
 
 
 def sparsity_of(model: GPT) -> float:
