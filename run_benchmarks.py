@@ -11,8 +11,11 @@ python run_benchmarks.py --list                           # the plan and each st
 On a GPU, in this order: project 07 trains GPT-2 124M in every precision (from a briefly pre-trained base,
 which the fine-tuning projects reuse), phase 6 (no GPU figure yet) prunes project 01's character model
 (trained once, for phases 5 and 6) and times 2:4 sparse matmuls, distils a 6-layer student from a briefly
-trained 124M teacher and trains six ways of sharing weights at 124M's shape, project 08 times decoding with
-and without the KV cache, project 09 times its Triton attention kernels against SDPA and explicit attention,
+trained 124M teacher and trains six ways of sharing weights at 124M's shape, phase 7 (no GPU figure yet
+either) times block-sparse attention against dense flash and FlexAttention up to 16k tokens, trains mixtures
+of experts against a dense model and measures what each way of checkpointing activations saves at 124M,
+project 08 times decoding with and without the KV cache, project 09 times its Triton attention kernels against
+SDPA and explicit attention,
 project 10 times the first token with and without its prefix cache on a shared-prefix workload, project 11
 trains a target and a draft and times speculative decoding, projects 14 and 16 quantize project 01's character
 model and project 14 times decoding at 124M's shape, project 15 quantizes the KV cache (at 124M's shape, with
@@ -112,6 +115,32 @@ def plan() -> list[Job]:
             {"cuda": 120, "cpu": 90},
             {"cuda": [("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--steps", "40"])],
              "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "20"])]}),
+        Job("project20_sparse_attention",
+            {"cuda": "dense flash (09) vs FlexAttention vs our block-sparse kernels, 1k-16k tokens, window "
+                     "512: time, memory, log-log slope; window 256 vs dense training: loss at 1,024, 2,048",
+             "cpu": "kernel errors per pattern (interpreter), tiles visited 1k-8k, rolling-cache memory, "
+                    "masked SDPA vs compiled FlexAttention, a tiny window-vs-dense training"},
+            {"cuda": 150, "cpu": 30},
+            {"cuda": [("benchmark.py", ["--data", str(SHARDS), "--repeats", "5"])],
+             "cpu": [("benchmark.py", ["--preset", "tiny", "--threads", "1", "--data", str(SHARDS),
+                                       "--lengths", "1024,2048,4096,8192", "--repeats", "3"])]}),
+        Job("project21_moe",
+            {"cuda": "dense vs 8 experts (top-1, top-2, top-2 unbalanced, top-2 bias-balanced) at GPT-2 "
+                     "124M's shape, 100 steps x 8 x 1024 tokens each, bf16: loss, steps to dense loss, tok/s,"
+                     " expert load, loop vs grouped_mm",
+             "cpu": "the same five at the tiny preset's shape, 30 steps each"},
+            {"cuda": 150, "cpu": 30},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--steps", "100",
+                                        "--batch-size", "8"])],
+             "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "30"])]}),
+        Job("project22_memory_efficient",
+            {"cuda": "GPT-2 124M, batch 8 x 1024, bf16: bytes kept, peak memory and step time for none, "
+                     "full, selective, offload, explicit and chunked attention; longest context in 8 GiB",
+             "cpu": "the same variants at the tiny preset, 1 x 128; longest context explicit vs chunked"},
+            {"cuda": 120, "cpu": 30},
+            {"cuda": [("benchmark.py", [])],
+             "cpu": [("benchmark.py", ["--preset", "tiny", "--context", "128", "--budget-mib", "256",
+                                       "--max-context", "4096", "--threads", "1"])]}),
         Job("project08_kv_cache",
             {"cuda": "decoding at 124M, 128 and 1,000 tokens: no cache, KV cache, compiled, transformers",
              "cpu": "decoding at the cpu preset's shape: no cache vs KV cache vs transformers"},

@@ -70,6 +70,9 @@ GOLDEN = {
     "project17_pruning": PADDED_GPT2,  # project 14's model; pruning zeroes weights, the forward is unchanged
     "project18_distillation": PADDED_GPT2,  # project 07's model; distillation changes only the loss
     "project19_weight_sharing": PADDED_GPT2,  # project 07's model; sharing is off by default
+    "project20_sparse_attention": PADDED_GPT2,  # project 09's model; the sparse pattern is off by default
+    "project21_moe": PADDED_GPT2,  # project 07's model; experts are off by default (n_expert=0: a dense MLP)
+    "project22_memory_efficient": PADDED_GPT2,  # project 07's model; checkpointing changes no output
 }
 
 
