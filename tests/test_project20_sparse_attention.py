@@ -227,6 +227,26 @@ def test_bad_pattern_flags_end_in_one_line(flags, tmp_path, capsys):
     assert_one_line_error(capsys, train_tiny(*flags, "--out", tmp_path / "run"))
 
 
+def test_fixed_pattern_needs_a_window_longer_than_its_summary(tmp_path, capsys):
+    """With a stride no longer than its summary, every key is a summary position: "fixed" would silently be
+    dense causal attention (the model's summary is 16, so --window 16 or less was dense)."""
+    with pytest.raises(ValueError, match="summary"):
+        Pattern("fixed", window=16, summary=16)
+    assert not Pattern("fixed", window=17, summary=16).token_mask(40).tril().all()
+    flags = ("--pattern", "fixed", "--window", "16", "--out", tmp_path / "run")
+    assert "summary" in assert_one_line_error(capsys, train_tiny(*flags))
+
+
+@pytest.mark.parametrize(
+    "flags", [("--pattern", "window"), ("--pattern", "fixed"), ("--pattern", "bigbird", "--window", "8")]
+)
+def test_a_pattern_that_is_dense_at_the_context_is_refused(flags, tmp_path, capsys):
+    """The tiny and cpu presets' contexts (32, 128) are shorter than the default window (256), and bigbird's
+    two random 64-token blocks cover them: these would train dense attention under a sparse pattern's name."""
+    line = assert_one_line_error(capsys, train_tiny(*flags, "--out", tmp_path / "run"))
+    assert "--window" in line and "dense" in line
+
+
 def test_training_records_the_pattern(tiny_runs, tmp_path):
     """train.py --pattern window trains a model whose checkpoint says so, and --resume keeps it fixed."""
     data = tiny_runs.data("project20_sparse_attention")
@@ -273,6 +293,18 @@ def test_benchmark_on_the_cpu(tmp_path):
         math.log(15 / 7) / math.log(2)
     )
     assert rows[("decode_cache_mib", "rolling, window 64, T=512")]["ratio"] == 64 / 512
+
+
+def test_benchmark_with_one_length_or_too_long_ends_cleanly(tmp_path, monkeypatch, capsys):
+    """One --lengths value has no slope (it was a ZeroDivisionError); lengths past bigbird's random table
+    (and its (T, T) masks) end in one line instead of a traceback."""
+    monkeypatch.setattr(P.benchmark, "correctness_rows", lambda device: [])
+    args = ["--device", "cpu", "--preset", "tiny", "--out", tmp_path, "--window", "16", "--no-train"]
+    assert run_main(P.benchmark, *args, "--no-flex", "--lengths", "64") == 0
+    rows = read_report(tmp_path, "project20_sparse_attention")
+    assert rows[("tiles_slope", "window, T=64..64")]["value"] is None
+    capsys.readouterr()
+    assert "at most" in assert_one_line_error(capsys, run_main(P.benchmark, *args, "--lengths", "70000"))
 
 
 def test_benchmark_cut_short_on_the_gpu_writes_what_it_measured(monkeypatch):

@@ -44,6 +44,7 @@ from flash_attention import flash_attention  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from results import add_output_args, compare, print_table, row, time_it, write_report  # noqa: E402
 from sparse_attention import (  # noqa: E402
+    MAX_BLOCKS,
     PATTERNS,
     Pattern,
     block_for,
@@ -81,8 +82,10 @@ COMPARISON = {
 
 
 def patterns(window: int) -> dict[str, Pattern]:
-    """Every pattern at the benchmark's window; globals and random blocks at the GPU tile's size."""
-    return {name: Pattern(name, window=window, n_global=64, n_random=2, summary=64) for name in PATTERNS}
+    """Every pattern at the benchmark's window; globals and random blocks at the GPU tile's size, and fixed's
+    summary an eighth of its stride (64 of 512; shorter than the stride, or fixed would be dense)."""
+    summary = min(64, window // 8)
+    return {name: Pattern(name, window=window, n_global=64, n_random=2, summary=summary) for name in PATTERNS}
 
 
 def output_and_grads(fn, q, k, v, do, dtype) -> list[torch.Tensor]:
@@ -110,8 +113,9 @@ def correctness_rows(device) -> list[dict]:
 
 
 def slope(points: dict[int, float], lo: int, hi: int) -> float | None:
-    """d log(y) / d log(T) between two lengths: 1 is linear, 2 quadratic; None if either is missing."""
-    if points.get(lo) is None or points.get(hi) is None:
+    """d log(y) / d log(T) between two lengths: 1 is linear, 2 quadratic; None if either is missing, or if
+    there is only one length (lo == hi)."""
+    if lo == hi or points.get(lo) is None or points.get(hi) is None:
         return None
     return math.log(points[hi] / points[lo]) / math.log(hi / lo)
 
@@ -288,6 +292,8 @@ def lengths_list(text: str) -> list[int]:
         lengths = []
     if not lengths or min(lengths) < 1:
         raise UserError(f"--lengths: a comma-separated list of positive integers, got {text!r}")
+    if max(lengths) > MAX_BLOCKS * 64:  # bigbird's random blocks are drawn for this many 64-token blocks
+        raise UserError(f"--lengths: at most {MAX_BLOCKS * 64} tokens, got {max(lengths)}")
     return lengths
 
 

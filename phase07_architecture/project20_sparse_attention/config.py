@@ -4,8 +4,16 @@ the flags that override them. train.py trains them; generate.py and benchmark.py
 import argparse
 from dataclasses import dataclass, replace
 
-from cli import add_config_flags, fraction_below, non_negative_int, override, positive_float, positive_int
-from model import GPTConfig
+from cli import (
+    UserError,
+    add_config_flags,
+    fraction_below,
+    non_negative_int,
+    override,
+    positive_float,
+    positive_int,
+)
+from model import GPTConfig, pattern_of
 from sparse_attention import PATTERNS
 
 
@@ -93,4 +101,16 @@ def add_preset_flags(parser: argparse.ArgumentParser) -> None:
 def with_flags(mc: GPTConfig, tc: TrainConfig, args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
     """The configs with the values given on the command line."""
     mc = replace(override(mc, args, MODEL_FLAGS), **ATTENTION[args.attention])
+    try:  # NEW: flags valid one by one may make an invalid pattern (fixed: the window must exceed 16)
+        pattern = pattern_of(mc)
+    except ValueError as e:
+        raise UserError(f"--pattern {mc.pattern} --window {mc.window}: {e}") from e
+    # NEW: a sparse name on what is dense attention at this context (--init-from brings its own context)
+    T, resized = mc.block_size, getattr(args, "init_from", None) and not getattr(args, "resume", False)
+    if pattern is not None and not resized and int(pattern.token_mask(T).sum()) == T * (T + 1) // 2:
+        raise UserError(
+            f"--pattern {mc.pattern} --window {mc.window}: in a context of {T} tokens every query sees every "
+            "earlier key (bigbird: also through its 64-token random blocks), so attention would be dense; "
+            "pass a smaller --window or a longer context"
+        )
     return mc, override(tc, args, TRAIN_FLAGS)

@@ -38,7 +38,7 @@ class Pattern:
     window: int = 256  # the local band i - w < j <= i; the stride of "strided" and "fixed"
     n_global: int = 16  # longformer, bigbird: the first n_global tokens are seen by every query
     n_random: int = 2  # bigbird: random earlier key blocks per query block
-    summary: int = 16  # fixed: the last `summary` positions of every stride are seen by all later queries
+    summary: int = 16  # fixed: the last `summary` (< window) positions of each stride, seen by later queries
     block: int = 64  # bigbird's random blocks are chosen at this granularity
     seed: int = 0  # bigbird's random blocks
 
@@ -47,6 +47,11 @@ class Pattern:
             raise ValueError(f"unknown pattern {self.name!r}: one of {', '.join(PATTERNS)}")
         if min(self.window, self.block) < 1 or min(self.n_global, self.n_random, self.summary) < 0:
             raise ValueError(f"window and block must be positive, the counts not negative: {self}")
+        if self.name == "fixed" and self.summary >= self.window:  # every key a summary: dense causal
+            raise ValueError(
+                f"the fixed pattern's stride (window {self.window}) must be longer than its {self.summary} "
+                "summary positions, or every key is a summary and attention is dense"
+            )
 
     def mask_mod(self, T: int, device=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The rule as a function of broadcastable query and key positions, the form FlexAttention's
