@@ -125,11 +125,25 @@ def test_full_checkpointing_keeps_only_each_blocks_input():
     full, blocks_full = P.benchmark.measure_saved(gpt(recompute="full"), x, FP32)
     activation = 2 * 40 * 32 * 4  # one (B, T, C) float32 tensor
     assert blocks_full == SMALL["n_layer"] * activation
-    assert blocks_none >= 16 * blocks_full  # per layer about 17 such tensors (README): q, k, v, 4C twice, ...
+    assert blocks_none >= 16 * blocks_full  # 16 such tensors per layer (README): q, k, v, 4C twice, ...
     assert none - blocks_none == full - blocks_full  # the head's part does not change
     _, blocks_mlp = P.benchmark.measure_saved(gpt(recompute="mlp"), x, FP32)
     _, blocks_attn = P.benchmark.measure_saved(gpt(recompute="attn"), x, FP32)
     assert blocks_full < blocks_mlp < blocks_attn < blocks_none
+
+
+def test_offloading_on_a_cpu_is_counted_not_assumed_to_keep_nothing():
+    """save_on_cpu's tensor.cpu() is the tensor itself on a CPU: every saved tensor stays where it was, so
+    offloading keeps exactly what keeping everything keeps (the benchmark reported 0 without counting)."""
+    x = torch.randint(300, (2, 40), generator=torch.Generator().manual_seed(1))
+    kept = P.benchmark.measure_saved(gpt(), x, FP32)
+    assert P.benchmark.measure_saved(gpt(), x, FP32, cpu=True) == kept
+    model = gpt()
+    with P.memory.SavedBytes(offload_from=x.device):  # the counter's hooks offload: backward still works
+        _, loss = model(x, x)
+    loss.backward()
+    _, ref = loss_and_grads(gpt(), x, x)
+    assert all(torch.equal(p.grad, ref[n]) for n, p in model.named_parameters())
 
 
 def test_train_takes_the_flags_records_them_and_keeps_them_on_resume(corpus_file, tmp_path, capsys):
@@ -171,6 +185,25 @@ def test_benchmark_reports_every_variant(tmp_path):
         if name != "none":
             assert rows[("grad_max_abs_diff_fp32", name)]["value"] <= 1e-6
     assert rows[("blocks_saved_mib", "full")]["ratio"] < 0.1
-    assert rows[("saved_mib", "offload")]["value"] == 0
+    for metric in ("saved_mib", "blocks_saved_mib"):  # on a CPU, offloading moves nothing: counted, not 0
+        assert rows[(metric, "offload")]["value"] == rows[(metric, "none")]["value"] > 0
     op = rows[("attention_op_longest_context", "chunked")]
     assert op["value"] >= 4 * rows[("attention_op_longest_context", "explicit")]["value"]
+
+
+def test_benchmark_refuses_a_max_context_below_the_first_length_it_tries(tmp_path, capsys):
+    """The context search starts at 256 tokens: a lower --max-context left it nothing to try (IndexError)."""
+    flags = ["--preset", "tiny", "--context", "32", "--repeats", "1", "--device", "cpu", "--out", tmp_path]
+    rc = run_main(P.benchmark, *flags, "--max-context", "100")
+    assert "--max-context" in assert_one_line_error(capsys, rc)
+    assert not list(tmp_path.iterdir())
+
+
+def test_benchmark_says_when_no_context_fits_the_budget(tmp_path):
+    """A budget that even the first context passes: no longest context, said so (not "not measured")."""
+    flags = ["--preset", "tiny", "--layers", "1", "--context", "32", "--repeats", "1", "--max-context", "256"]
+    assert run_main(P.benchmark, *flags, "--budget-mib", "1", "--device", "cpu", "--out", tmp_path) == 0
+    rows = read_report(tmp_path, "project22_memory_efficient")
+    for attention in ("explicit", "chunked"):
+        r = rows[("model_longest_context", attention)]
+        assert r["value"] is None and "already" in r["note"], r

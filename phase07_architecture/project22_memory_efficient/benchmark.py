@@ -40,17 +40,20 @@ VARIANTS = {
     "explicit attention": ({"attention": "explicit"}, False),
     "chunked attention": ({"attention": "chunked"}, False),
 }
+FIRST_CONTEXT = 256  # the context searches double from here
 
 
-def measure_saved(model: GPT, x: torch.Tensor, p) -> tuple[int, int]:
+def measure_saved(model: GPT, x: torch.Tensor, p, cpu: bool = False) -> tuple[int, int]:
     """(bytes the whole forward pass keeps for backward, the part the blocks keep), counted by SavedBytes.
-    The second counter is open from the first block's input to the last block's output."""
+    The second counter is open from the first block's input to the last block's output. With `cpu`, the
+    saved tensors are offloaded as they are made, and what stays on x's device is counted (on a CPU, all)."""
     state = [*model.parameters(), *model.buffers()]
-    blocks = SavedBytes(exclude=state)
+    where = x.device if cpu else None
+    blocks = SavedBytes(exclude=state, offload_from=where)
     first = model.blocks[0].register_forward_pre_hook(lambda *_: blocks.__enter__() and None)  # None: x as is
     last = model.blocks[-1].register_forward_hook(lambda *_: blocks.__exit__(None, None, None))
     try:
-        with SavedBytes(exclude=state) as total, p.autocast(x.device):
+        with SavedBytes(exclude=state, offload_from=where) as total, p.autocast(x.device):
             model(x, x)  # the graph, and what it keeps, goes when the loss does: here
     finally:
         first.remove()
@@ -100,8 +103,8 @@ def interleaved(passes: dict[str, Callable[[], None]], device, warmup: int, repe
 def run_variant(mc: GPTConfig, fields: dict, cpu: bool, x, p, reference) -> dict:
     torch.manual_seed(0)  # every variant starts from the same weights
     model = GPT(replace(mc, **fields)).to(x.device)
-    # Offloaded, the saved tensors leave the device as they are made: the counter sees none kept there.
-    saved, blocks = (0, 0) if cpu else measure_saved(model, x, p)
+    # Offloaded, counted too: on a GPU none stays on the device, on a CPU all do (nothing moves)
+    saved, blocks = measure_saved(model, x, p, cpu)
     set_matmul_precision(PRECISIONS["fp32"])  # gradients compared in strict fp32
     grads = gradients(model, x, cpu)
     model.zero_grad(set_to_none=True)
@@ -187,7 +190,7 @@ def parse_args(argv):
         "--max-context",
         type=positive_int,
         default=None,
-        help="longest context the whole-model search tries (default: 16384 GPU, 8192 CPU)",
+        help="longest context the whole-model search tries, from 256 (default: 16384 GPU, 8192 CPU)",
     )
     p.add_argument(
         "--op-budget-mib", type=positive_int, default=64, help="saved-bytes budget of the attention-op search"
@@ -195,7 +198,10 @@ def parse_args(argv):
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     add_device_args(p, dtype=False)
     add_output_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_context is not None and args.max_context < FIRST_CONTEXT:
+        p.error(f"--max-context must be at least {FIRST_CONTEXT}, where the context search starts")
+    return args
 
 
 @exits_cleanly
@@ -239,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     del passes  # and with them the variants' models, before the long contexts need the memory
     budget = (args.budget_mib or (8192 if gpu else 2048)) * MiB
     top = args.max_context or (16384 if gpu else 8192)
-    lengths = [256 * 2**i for i in range(20) if 256 * 2**i <= top]
-    op_lengths = [256 * 2**i for i in range(20) if 256 * 2**i <= max(top, 16384)]
+    lengths = [FIRST_CONTEXT * 2**i for i in range(20) if FIRST_CONTEXT * 2**i <= top]
+    op_lengths = [FIRST_CONTEXT * 2**i for i in range(20) if FIRST_CONTEXT * 2**i <= max(top, 16384)]
     for scope, make, b, ls in (
         ("model", model_fits, budget, lengths),
         ("attention_op", op_fits, args.op_budget_mib * MiB, op_lengths),
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows[-2:]:  # a search that ran out of lengths before the budget found a lower bound only
             if r["value"] == ls[-1]:
                 r["note"] = f"at least: the search stopped at {ls[-1]} tokens within the budget"
+            elif r["value"] is None:  # measured: the first context already passed the budget
+                r["note"] = f"none: {ls[0]} tokens already pass the budget"
     print_table(rows)
     config = {**vars(mc), "batch_size": batch, "context": T, "precision": p.name, "budget_mib": budget / MiB}
     config.update(op_budget_mib=args.op_budget_mib, max_context=top, threads=torch.get_num_threads())

@@ -48,18 +48,36 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     qkv tensor, an input is often saved by two ops, a Linear saves a transposed view of its weight. Not
     counted: `exclude`, the model's parameters and buffers (they exist whether or not anything trains),
     and what backward allocates while it runs (recomputed activations, gradients): torch.cuda's
-    max_memory_allocated sees that on a GPU."""
+    max_memory_allocated sees that on a GPU.
 
-    def __init__(self, exclude: Iterator[torch.Tensor] = (), budget: int | None = None):
+    With `offload_from` (a device), the saved tensors are also offloaded as offload() does, and a tensor
+    counts only if what offloading keeps of it is still on that device's type: on a GPU, none; on a CPU,
+    every one (save_on_cpu's tensor.cpu() is the tensor itself there: nothing moves, nothing is freed)."""
+
+    def __init__(
+        self,
+        exclude: Iterator[torch.Tensor] = (),
+        budget: int | None = None,
+        offload_from: torch.device | None = None,
+    ):
         self.skip = {t.untyped_storage().data_ptr() for t in exclude}
         self.storages: dict[int, int] = {}  # data_ptr -> bytes: one entry per storage
         self.bytes = 0
         self.budget = budget  # past it, forward stops at once (OverBudget): a step that cannot fit ends early
+        self.offload_from = offload_from
         super().__init__(self._pack, lambda t: t)
+        if offload_from is not None:  # save_on_cpu's own hooks, the packed tensor counted where it stays
+            cpu = offload(offload_from)
+            self._to_cpu, self.unpack_hook = cpu.pack_hook, cpu.unpack_hook
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        keep(t)  # the innermost hooks alone see a saved tensor: they tell every counter open
-        return t  # kept as it is: the counter only looks
+    def _pack(self, t: torch.Tensor):
+        if self.offload_from is None:
+            keep(t)  # the innermost hooks alone see a saved tensor: they tell every counter open
+            return t  # kept as it is: the counter only looks
+        device, packed = self._to_cpu(t)
+        if packed.device.type == self.offload_from.type:  # still in the device's memory: kept there
+            keep(packed)
+        return device, packed
 
     def keep(self, t: torch.Tensor) -> None:
         s = t.untyped_storage()
