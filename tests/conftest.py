@@ -533,3 +533,12 @@ def no_download(monkeypatch) -> list[Path]:
     monkeypatch.setattr(tiktoken.load, "read_file", read_file)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     return read
+
+
+def logits_and_grads(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward of the language-model loss on ids (the targets are the inputs): the logits
+    and every parameter's gradient, to compare two ways of computing the same model."""
+    model.zero_grad()
+    logits, loss = model(ids, ids)
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_project, tiny_gpt
+from conftest import load_project, logits_and_grads, tiny_gpt
 
 P = load_project("project09_flash_attention")
 FA = P.flash_attention
@@ -147,16 +147,10 @@ def test_the_model_through_the_kernels_equals_sdpa(monkeypatch):
     model = tiny_gpt("project09_flash_attention", n_embd=32, n_head=2, block_size=48)
     ids = torch.randint(0, 100, (2, 48), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads():
-        model.zero_grad()
-        logits, loss = model(ids, ids)
-        loss.backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    sdpa_logits, sdpa_grads = loss_and_grads()
+    sdpa_logits, sdpa_grads = logits_and_grads(model, ids)
     calls = []
     monkeypatch.setattr(P.model, "kernels_run_on", lambda t: calls.append(t.shape) or True)
-    triton_logits, triton_grads = loss_and_grads()
+    triton_logits, triton_grads = logits_and_grads(model, ids)
     assert len(calls) == 2  # both layers went through the kernels
     torch.testing.assert_close(triton_logits, sdpa_logits, atol=1e-5, rtol=1e-5)
     for name, g in sdpa_grads.items():

@@ -12,7 +12,15 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, load_project, read_report, run_main, tiny_gpt, tiny_trainer
+from conftest import (
+    assert_one_line_error,
+    load_project,
+    logits_and_grads,
+    read_report,
+    run_main,
+    tiny_gpt,
+    tiny_trainer,
+)
 
 P = load_project("project20_sparse_attention")
 SA = P.sparse_attention
@@ -179,16 +187,10 @@ def test_the_model_through_the_kernels_equals_sdpa_with_the_mask(name, monkeypat
     model = tiny_gpt("project20_sparse_attention", n_embd=32, n_head=2, block_size=48, pattern=name, window=9)
     ids = torch.randint(0, 100, (2, 45), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads():
-        model.zero_grad()
-        logits, loss = model(ids, ids)
-        loss.backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    sdpa_logits, sdpa_grads = loss_and_grads()
+    sdpa_logits, sdpa_grads = logits_and_grads(model, ids)
     calls = []
     monkeypatch.setattr(P.model, "kernels_run_on", lambda t: calls.append(t.shape) or True)
-    kernel_logits, kernel_grads = loss_and_grads()
+    kernel_logits, kernel_grads = logits_and_grads(model, ids)
     assert len(calls) == 2
     torch.testing.assert_close(kernel_logits, sdpa_logits, atol=1e-5, rtol=1e-5)
     for n, g in sdpa_grads.items():
