@@ -50,19 +50,21 @@ def expert(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return h @ experts.w_proj[e] + experts.b_proj[e]
 
 
-def naive(m, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
-    """Token by token, choice by choice: sum of gate x expert over the chosen experts. With a capacity, an
-    expert takes the first `capacity` (token, choice) slots in token order and the rest add nothing."""
+def naive(m, x: torch.Tensor, capacity: int | None = None, choice_major: bool = True) -> torch.Tensor:
+    """Choice by choice, token by token: sum of gate x expert over the chosen experts. With a capacity, an
+    expert takes the first `capacity` (choice, token) slots, every first choice in token order before any
+    second choice (GShard), and the rest add nothing; choice_major=False: token order alone."""
     flat = x.reshape(-1, x.size(-1))
     ids, gates, _, _ = m.router(flat)
     out, taken = torch.zeros_like(flat), [0] * m.n_expert
-    for n in range(len(flat)):
-        for j in range(m.top_k):
-            e = ids[n, j].item()
-            taken[e] += 1
-            if capacity is None or taken[e] <= capacity:
-                out[n] += gates[n, j] * expert(m.experts, e, flat[n])
-        if m.shared is not None:
+    slots = [(n, j) for j in range(m.top_k) for n in range(len(flat))]
+    for n, j in slots if choice_major else sorted(slots):
+        e = ids[n, j].item()
+        taken[e] += 1
+        if capacity is None or taken[e] <= capacity:
+            out[n] += gates[n, j] * expert(m.experts, e, flat[n])
+    if m.shared is not None:
+        for n in range(len(flat)):
             out[n] += expert(m.shared, 0, flat[n])
     return out.view_as(x)
 
@@ -195,6 +197,17 @@ def test_tokens_over_capacity_come_out_as_their_residual():
         assert not torch.allclose(block(x)[~dropped], h[~dropped])
 
 
+def test_over_capacity_an_expert_takes_first_choices_before_second_choices():
+    """Top-2 with drops: GShard's priority, every token's first choice before any token's second, so a later
+    token's first choice is never dropped to make room for an earlier token's second choice."""
+    m, x = layer(top_k=2, capacity_factor=0.5), tokens()
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(out, naive(m, x, capacity=m.capacity(32)), rtol=1e-5, atol=1e-5)
+        token_order = naive(m, x, capacity=m.capacity(32), choice_major=False)
+    assert not torch.allclose(out, token_order, rtol=1e-5, atol=1e-5)  # the two priorities differ here
+
+
 def test_the_counts_the_layer_reports_are_the_routers_choices():
     m = layer(top_k=2, capacity_factor=0.5)  # dropped slots are counted too: the load the router asked for
     x = tokens(seed=3)
@@ -306,12 +319,50 @@ def test_train_routes_from_flags_logs_the_router_and_keeps_the_experts_on_resume
         (["--n-expert", "-1"], "--n-expert"),
         (["--capacity-factor", "-1"], "--capacity-factor"),
         (["--top-k", "0"], "--top-k"),
+        (["--n-expert", "4", "--top-k", "4", "--n-shared-expert", "200"], "expert width"),  # 4 C // 204 = 0
     ],
 )
 def test_bad_expert_values_exit_2_with_one_line(flags, named, corpus_file, tmp_path, capsys):
     rc = train_tiny("--data", corpus_file, "--out", tmp_path / "run", *flags)
     assert named in assert_one_line_error(capsys, rc)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["--top-k", "1"], ["--n-shared-expert", "1", "--bias-update", "0.001"]])
+def test_expert_flags_without_experts_exit_2_with_one_line(flags, corpus_file, tmp_path, capsys):
+    """--top-k and the like on the dense model (no --n-expert) would change nothing: refused, not ignored."""
+    rc = train_tiny("--data", corpus_file, "--out", tmp_path / "run", "--max-iters", "1", *flags)
+    assert "--n-expert" in assert_one_line_error(capsys, rc)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_checkpoint_whose_model_config_is_refused_is_one_line(corpus_file, tmp_path, capsys):
+    flags = ["--data", corpus_file, "--out", tmp_path / "run", "--eval-iters", "1"]
+    assert train_tiny(*flags, "--max-iters", "1", "--n-expert", "2") == 0
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["model"]["top_k"] = 5  # more experts per token than the layer has
+    path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    rc = train_tiny(*flags, "--max-iters", "2", "--resume")
+    assert "top_k" in assert_one_line_error(capsys, rc)
+
+
+def test_the_experts_stacked_biases_are_not_weight_decayed():
+    """make_optimizer decays matrices, not biases; an expert's biases are stacked into 2-D tensors (E, H) and
+    (E, C), and must stay undecayed like the dense MLP's 1-D ones (else the comparison differs in more)."""
+    model = P.model.GPT(config(top_k=2, n_shared_expert=1))
+    _, tc = P.train.PRESETS["tiny"]
+    decayed, plain = P.train.make_optimizer(model, tc, torch.device("cpu")).param_groups
+    assert decayed["weight_decay"] > 0 and plain["weight_decay"] == 0
+    name = {id(p): n for n, p in model.named_parameters()}
+    biases = {n for n in name.values() if n.endswith(("b_fc", "b_proj"))}
+    assert len(biases) == 2 * 2 * SMALL["n_layer"]  # routed and shared experts, two biases each, per layer
+    assert biases <= {name[id(p)] for p in plain["params"]}
+    assert not biases & {name[id(p)] for p in decayed["params"]}
+    assert {n for n in name.values() if n.endswith(("w_fc", "w_proj"))} <= {
+        name[id(p)] for p in decayed["params"]
+    }
 
 
 def test_hf_export_refuses_a_mixture_of_experts_in_one_line(tmp_path, capsys):

@@ -55,9 +55,10 @@ def load_stats(counts: torch.Tensor) -> dict:
 
 
 def train_variant(mc: GPTConfig, tc, args, device, precision) -> dict:
-    """`tc.max_iters` steps of one micro-batch each from seed 0, on the batches every variant sees, timed one
-    by one; the held-out loss every `args.eval_every` steps; each step's tokens per expert and layer."""
-    torch.manual_seed(0)
+    """`tc.max_iters` steps of one micro-batch each from seed `tc.seed` (0), on the batches every variant
+    sees, timed one by one; the held-out loss every `args.eval_every` steps; each step's tokens per expert
+    and layer."""
+    torch.manual_seed(tc.seed)
     model = GPT(mc).to(device, precision.weights)
     optimizer = make_optimizer(model, tc, device)
     scaler = make_scaler(precision, device)
@@ -206,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or (8 if cpu and preset == "cpu" else tc.batch_size)
     mc = replace(mc, block_size=args.block_size or (64 if cpu and preset == "cpu" else mc.block_size))
     tokens = batch * mc.block_size  # one micro-batch a step: no accumulation
-    tc = replace(tc, batch_size=batch, max_iters=steps, warmup_iters=max(1, steps // 10),
-                 total_batch_tokens=tokens, eval_iters=args.eval_iters)  # fmt: skip
+    # seed 0 and eval_interval = --eval-every: what train_variant uses, so the report's config says so
+    tc = replace(tc, batch_size=batch, max_iters=steps, warmup_iters=max(1, steps // 10), seed=0,
+                 total_batch_tokens=tokens, eval_iters=args.eval_iters,
+                 eval_interval=args.eval_every)  # fmt: skip
     configs = variants(mc)
     precision = PRECISIONS[auto_precision(device)]  # bf16 autocast on GPUs that have it, fp32 elsewhere
     set_matmul_precision(precision)

@@ -46,6 +46,11 @@ class GPTConfig:
             )
         if self.n_expert and not 1 <= self.top_k <= self.n_expert:
             raise ValueError(f"top_k must be between 1 and n_expert = {self.n_expert}, got {self.top_k}")
+        if self.n_expert and self.expert_width < 1:  # NEW: 4 C // (top_k + shared) can round down to 0
+            raise ValueError(
+                f"expert width 4 n_embd // (top_k + n_shared_expert) = 4 * {self.n_embd} // "
+                f"{self.top_k + self.n_shared_expert} = 0; use fewer experts per token or set expert_hidden"
+            )
 
     @property
     def expert_width(self) -> int:

@@ -130,25 +130,27 @@ class MoE(nn.Module):
             "z": self.z_loss_coef * z_loss(logits),
         }
 
-        # Dispatch: sort the N k (token, expert) slots by expert; stable, so within an expert earlier tokens
-        # come first and win its capacity (Switch's order).
-        flat = ids.flatten()  # (N k,)
-        order = torch.argsort(flat, stable=True)  # (N k,)
+        # Dispatch: sort the k N (token, expert) slots by expert. Choice-major (slot j N + n is token n's j-th
+        # choice) and stable, so within an expert every first choice comes before any second choice, and
+        # earlier tokens before later ones: first choices win its capacity (GShard), then token order.
+        N = B * T
+        flat = ids.T.flatten()  # (k N,)
+        order = torch.argsort(flat, stable=True)  # (k N,)
         counts = torch.bincount(flat, minlength=self.n_expert)  # (E,)
         self.counts = counts.detach()
         starts = counts.cumsum(0) - counts  # (E,): where each expert's slots begin in sorted order
         rank = torch.arange(len(flat), device=x.device) - starts[flat[order]]  # place in the expert's queue
-        keep = order[rank < self.capacity(B * T)]  # (M,): the kept slots, still sorted by expert
-        kept_counts = counts.clamp(max=self.capacity(B * T))  # (E,)
-        token = keep // self.top_k  # (M,): slot n k + j is token n's j-th choice
+        keep = order[rank < self.capacity(N)]  # (M,): the kept slots, still sorted by expert
+        kept_counts = counts.clamp(max=self.capacity(N))  # (E,)
+        token = keep % N  # (M,): slot j N + n is token n's j-th choice
 
         y = self.experts(self.cast(x[token]), kept_counts, self.use_grouped(x))  # (M, C)
-        y = y.float() * gates.flatten()[keep, None]  # gate-weighted, summed in fp32 below
+        y = y.float() * gates.T.flatten()[keep, None]  # gate-weighted, summed in fp32 below
         # Combine: each token gets the sum of its kept experts' outputs. A token all of whose slots were
         # dropped gets zero here, so the block passes it on as its residual, unchanged.
-        out = torch.zeros(B * T, C, device=x.device, dtype=torch.float32).index_add_(0, token, y)
+        out = torch.zeros(N, C, device=x.device, dtype=torch.float32).index_add_(0, token, y)
         if self.shared is not None:
-            out = out + self.shared(self.cast(x), torch.tensor([B * T]), False).float()
+            out = out + self.shared(self.cast(x), torch.tensor([N]), False).float()
         return self.dropout(out.to(x.dtype).view(B, T, C))
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:

@@ -171,9 +171,12 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.o
     """AdamW with weight decay on matrices (matmul weights and embeddings) only: decaying biases and
     LayerNorm gains only pulls them from their useful values without regularising anything."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head weight appears once
+    # NEW: the experts' stacked biases, (E, H) and (E, C), are 2-D but biases all the same: not decayed
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith(("b_fc", "b_proj"))}
+    matrices = [p for p in params if p.dim() >= 2 and id(p) not in biases]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": matrices, "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2 or id(p) in biases], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
@@ -355,6 +358,10 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             mc = replace(override(mc, args, MODEL_FLAGS), flash=flash)
         except ValueError as e:
             raise UserError(f"{preset} preset: {e}") from e
+        unused = [f for f in MODEL_FLAGS if f not in ("dropout", "n_expert") and getattr(args, f) is not None]
+        if unused and not mc.n_expert:  # NEW: an expert flag on the dense model would be silently ignored
+            flags = ", ".join("--" + f.replace("_", "-") for f in unused)
+            raise UserError(f"{flags}: expert flags, but the dense model has no experts; pass --n-expert too")
         return preset, mc, override(tc, args, TRAIN_FLAGS), meta
     recorded = {**saved["training"], **saved["model"], **saved["training"]["train_config"]}
     refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
@@ -380,7 +387,10 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
             "--max-iters to train further (the cosine schedule is then stretched to it)"
         )
-    mc = replace(GPTConfig(**saved["model"]), flash=flash)
+    try:  # NEW: a recorded config the model refuses (e.g. top_k above n_expert) is one line too
+        mc = replace(GPTConfig(**saved["model"]), flash=flash)
+    except ValueError as e:
+        raise UserError(f"checkpoint {args.out} has a model config this project cannot read ({e})") from e
     return training["preset"], mc, tc, {k: saved[k] for k in ("tokenizer", "training")}
 
 
