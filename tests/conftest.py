@@ -134,6 +134,17 @@ def assert_one_line_error(capsys, rc: int) -> str:
     return lines[0]
 
 
+def hf_export_error(project: SimpleNamespace, model, folder: Path, capsys) -> str:
+    """Save `model` as a checkpoint of `project` in folder and export it with the project's hf.py, which must
+    refuse it: the one-line error (exit 2, no traceback), with nothing written where the export would go."""
+    meta = {"tokenizer": {"type": "tiktoken"}, "training": {}}
+    project.checkpoint.save_checkpoint(folder / "refused", model, meta)
+    with modules_installed(project):  # hf.main imports checkpoint.py by its bare name when it runs
+        rc = run_main(project.hf, "--checkpoint", folder / "refused", "--out", folder / "refused_hf")
+    assert not (folder / "refused_hf").exists()
+    return assert_one_line_error(capsys, rc)
+
+
 def digest(folder: Path) -> dict[str, str]:
     """sha256 of every file in a folder, by name: equal before and after means nothing was touched."""
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}

@@ -14,8 +14,8 @@ import torch
 from conftest import (
     assert_one_line_error,
     greedy_ids,
+    hf_export_error,
     load_project,
-    modules_installed,
     perturb_,
     read_report,
     run_main,
@@ -287,12 +287,7 @@ def test_hf_export_writes_shared_layers_as_copies_and_refuses_what_gpt2_cannot_h
     idx = torch.randint(300, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(unshared(idx)[0], shared(idx)[0], rtol=0, atol=0)
-    meta = {"tokenizer": {"type": "tiktoken"}, "training": {}}
-    P.checkpoint.save_checkpoint(tmp_path / "factorised", gpt(embd_dim=8), meta)
-    with modules_installed(P):  # hf.main imports checkpoint.py by its bare name when it runs
-        rc = run_main(P.hf, "--checkpoint", tmp_path / "factorised", "--out", tmp_path / "hf2")
-    assert "factorised embedding" in assert_one_line_error(capsys, rc)
-    assert not (tmp_path / "hf2").exists()
+    assert "factorised embedding" in hf_export_error(P, gpt(embd_dim=8), tmp_path, capsys)
 
 
 def test_benchmark_reports_every_variant(tiny_runs, tmp_path):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import (
     assert_one_line_error,
+    hf_export_error,
     load_project,
-    modules_installed,
     perturb_,
     read_report,
     run_main,
@@ -366,12 +366,7 @@ def test_the_experts_stacked_biases_are_not_weight_decayed():
 
 
 def test_hf_export_refuses_a_mixture_of_experts_in_one_line(tmp_path, capsys):
-    meta = {"tokenizer": {"type": "tiktoken"}, "training": {}}
-    P.checkpoint.save_checkpoint(tmp_path / "moe", P.model.GPT(config()), meta)
-    with modules_installed(P):  # hf.main imports checkpoint.py by its bare name when it runs
-        rc = run_main(P.hf, "--checkpoint", tmp_path / "moe", "--out", tmp_path / "hf")
-    assert "mixture of experts" in assert_one_line_error(capsys, rc)
-    assert not (tmp_path / "hf").exists()
+    assert "mixture of experts" in hf_export_error(P, P.model.GPT(config()), tmp_path, capsys)
 
 
 def test_benchmark_reports_every_variant(tiny_runs, tmp_path):
