@@ -13,12 +13,12 @@ which the fine-tuning projects reuse), phase 6 (no GPU figure yet) prunes projec
 (trained once, for phases 5 and 6) and times 2:4 sparse matmuls, distils a 6-layer student from a briefly
 trained 124M teacher and trains six ways of sharing weights at 124M's shape, phase 7 (no GPU figure yet
 either) times block-sparse attention against dense flash and FlexAttention up to 16k tokens, trains mixtures
-of experts against a dense model and measures what each way of checkpointing activations saves at 124M,
-project 08 times decoding with and without the KV cache, project 09 times its Triton attention kernels against
-SDPA and explicit attention,
-project 10 times the first token with and without its prefix cache on a shared-prefix workload, project 11
-trains a target and a draft and times speculative decoding, projects 14 and 16 quantize project 01's character
-model and project 14 times decoding at 124M's shape, project 15 quantizes the KV cache (at 124M's shape, with
+of experts against a dense model, measures what each way of checkpointing activations saves at 124M, and
+trains Mamba and a KAN-MLP GPT against the GPT at equal parameters, project 08 times decoding with and without
+the KV cache, project 09 times its Triton attention kernels against SDPA and explicit attention, project 10
+times the first token with and without its prefix cache on a shared-prefix workload, project 11 trains a
+target and a draft and times speculative decoding, projects 14 and 16 quantize project 01's character model
+and project 14 times decoding at 124M's shape, project 15 quantizes the KV cache (at 124M's shape, with
 project 03's model for perplexity), projects 12-13 serve a varied-length workload, project 03 measures GPT-2
 124M's tokens/s and MFU, project 01 trains its default preset (nanoGPT's shakespeare_char run) for its val
 loss, and projects 04-06 time their steps at GPT-2 124M's shape (their speed does not depend on the weights;
@@ -141,6 +141,24 @@ def plan() -> list[Job]:
             {"cuda": [("benchmark.py", [])],
              "cpu": [("benchmark.py", ["--preset", "tiny", "--context", "128", "--budget-mib", "256",
                                        "--max-context", "4096", "--threads", "1"])]}),
+        Job("project22b_mamba",
+            {"cuda": "GPT-2 124M vs Mamba (23 blocks) at equal parameters, 200 steps x 8 x 512 tokens, bf16: "
+                     "loss, training tok/s; the three scans (Triton timed); decode tok/s and memory, 128-8k",
+             "cpu": "the GPT vs Mamba at the tiny preset's width, 30 steps: loss, tok/s; the scans; decode "
+                    "tok/s and cache/state bytes at 128-8k"},
+            {"cuda": 150, "cpu": 60},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--steps", "200",
+                                        "--batch-size", "8"])],
+             "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "30"])]}),
+        Job("project22c_kan",
+            {"cuda": "GPT vs KAN-GPT vs KAN-GPT with 10 grid updates at GPT-2 124M's shape (KAN width 342), "
+                     "100 steps x 8 x 1024 tokens each, bf16: held-out loss, train and decode tok/s, block "
+                     "MLP fwd+bwd, bytes saved for backward, peak memory",
+             "cpu": "the same three at the tiny preset's shape, 30 steps each"},
+            {"cuda": 150, "cpu": 30},
+            {"cuda": [("benchmark.py", ["--preset", "gpt2", "--data", str(SHARDS), "--steps", "100",
+                                        "--batch-size", "8"])],
+             "cpu": [("benchmark.py", ["--preset", "tiny", "--data", str(SHARDS), "--steps", "30"])]}),
         Job("project08_kv_cache",
             {"cuda": "decoding at 124M, 128 and 1,000 tokens: no cache, KV cache, compiled, transformers",
              "cpu": "decoding at the cpu preset's shape: no cache vs KV cache vs transformers"},

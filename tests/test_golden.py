@@ -73,6 +73,8 @@ GOLDEN = {
     "project20_sparse_attention": PADDED_GPT2,  # project 09's model; the sparse pattern is off by default
     "project21_moe": PADDED_GPT2,  # project 07's model; experts are off by default (n_expert=0: a dense MLP)
     "project22_memory_efficient": PADDED_GPT2,  # project 07's model; checkpointing changes no output
+    "project22b_mamba": PADDED_GPT2,  # project 07's model; Mamba is arch="mamba", not the default
+    "project22c_kan": PADDED_GPT2,  # project 07's model; the KAN MLP is mlp="kan", not the default
 }
 
 

@@ -9,14 +9,14 @@ import sys
 import pytest
 from conftest import PROJECTS, ROOT
 
-CHANGES = re.compile(r"^## Changes from (project\d\d_\w+)\s*$", re.M)
+CHANGES = re.compile(r"^## Changes from (project\d\d[a-z]?_\w+)\s*$", re.M)
 IGNORED = {"README.md", "results", "__pycache__"}
 
 
 def lineage_table() -> dict[str, str]:
     """project -> parent, from the table in CONTRIBUTING.md."""
     table = (ROOT / "CONTRIBUTING.md").read_text()
-    rows = re.findall(r"^\s*\| `(project\d\d_\w+)` \| `(project\d\d_\w+)` \|", table, re.M)
+    rows = re.findall(r"^\s*\| `(project\d\d[a-z]?_\w+)` \| `(project\d\d[a-z]?_\w+)` \|", table, re.M)
     return dict(rows)
 
 
