@@ -64,7 +64,9 @@ class KANLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.spline_order = spline_order
-        # A buffer, not a parameter: the grid moves only by update_grid, and the checkpoint keeps it.
+        # A buffer, not a parameter: the grid moves only by update_grid, and the checkpoint keeps it. In fp32
+        # even in a 16-bit model (_apply): bf16's 8 bits round nearby quantiles to one knot, and a repeated
+        # knot divides 0 by 0 in the recursion.
         self.register_buffer("grid", uniform_grid(in_features, grid_size, spline_order, *grid_range))
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))  # (O, I)
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
@@ -73,11 +75,21 @@ class KANLinear(nn.Module):
         nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
         nn.init.normal_(self.spline_weight, std=0.1 / math.sqrt(in_features))
 
+    def _apply(self, fn, recurse: bool = True):
+        """.to(), .cuda(), .bfloat16() and the like: the grid moves with the module but stays fp32 (at least)
+        when the weights become 16-bit."""
+        grid = self.grid
+        super()._apply(fn, recurse)
+        if self.grid.dtype in (torch.float16, torch.bfloat16):
+            self.grid = grid.to(self.grid.device, torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)  # (N, I)
         base = F.linear(F.silu(x), self.base_weight)  # (N, O)
-        bases = b_spline_bases(x, self.grid, self.spline_order)  # (N, I, S)
+        # In the grid's precision (fp32 for 16-bit inputs), then in the weights' for the matmul.
+        bases = b_spline_bases(x, self.grid, self.spline_order).to(self.spline_weight.dtype)  # (N, I, S)
         # The efficient formulation: sum over every edge and basis in one matmul, (N, I*S) @ (I*S, O).
         spline = F.linear(bases.reshape(x.size(0), -1), self.spline_weight.reshape(self.out_features, -1))
         return (base + spline).reshape(*shape[:-1], self.out_features)
@@ -87,7 +99,7 @@ class KANLinear(nn.Module):
         """Move the grid to where the inputs x (N, I) are, keeping the function on them: knots at the inputs'
         quantiles (dense where inputs are dense), mixed with a little of a uniform grid over their range
         (pykan's grid_eps), then coefficients re-fitted by least squares to the old splines' values."""
-        x = x.reshape(-1, self.in_features)
+        x = x.reshape(-1, self.in_features).to(self.grid.dtype)  # the knots in the grid's precision (fp32)
         G, k = self.grid.size(1) - 2 * self.spline_order - 1, self.spline_order
         xs = x.sort(0).values  # (N, I)
         adaptive = xs[torch.linspace(0, x.size(0) - 1, G + 1, device=x.device).long()]  # (G+1, I) quantiles

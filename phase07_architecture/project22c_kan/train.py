@@ -345,7 +345,13 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             mc = replace(override(mc, args, MODEL_FLAGS), flash=flash)
         except ValueError as e:
             raise UserError(f"{preset} preset: {e}") from e
-        return preset, mc, override(tc, args, TRAIN_FLAGS), meta
+        tc = override(tc, args, TRAIN_FLAGS)
+        kan_flags = [f for f in ("grid_size", "spline_order", "kan_hidden") if getattr(args, f) is not None]
+        kan_flags += [f for f in ("kan_l1", "grid_updates") if getattr(tc, f)]
+        if mc.mlp != "kan" and kan_flags:  # NEW: an MLP has no grid to update nor splines to regularise
+            flags = ", ".join("--" + f.replace("_", "-") for f in kan_flags)
+            raise UserError(f"{flags}: only for a KAN-MLP model; add --mlp kan")
+        return preset, mc, tc, meta
     recorded = {**saved["training"], **saved["model"], **saved["training"]["train_config"]}
     refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
     training = saved["training"]
