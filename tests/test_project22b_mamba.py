@@ -208,6 +208,8 @@ def test_train_builds_mamba_from_flags_and_keeps_it_on_resume(tiny_runs, tmp_pat
     capsys.readouterr()
     rc = train_tiny(*flags, "--max-iters", "4", "--resume", "--arch", "gpt")
     assert "--arch" in assert_one_line_error(capsys, rc)
+    rc = train_tiny(*flags, "--max-iters", "4", "--resume", "--attention", "explicit")
+    assert "--attention" in assert_one_line_error(capsys, rc)
     assert train_tiny(*flags, "--max-iters", "3", "--resume") == 0  # the recorded Mamba, resumed
     assert P.checkpoint.load_checkpoint(tmp_path / "run")[1]["model"]["arch"] == "mamba"
 
@@ -218,7 +220,9 @@ def test_train_builds_mamba_from_flags_and_keeps_it_on_resume(tiny_runs, tmp_pat
         (["--arch", "rwkv"], "--arch"),
         (["--arch", "mamba", "--d-state", "0"], "--d-state"),
         (["--arch", "mamba", "--dt-rank", "0"], "--dt-rank"),
+        (["--arch", "mamba", "--dt-rank", "big"], "must be auto or a positive integer"),
         (["--d-conv", "3"], "--arch mamba"),  # a Mamba flag on the GPT would change nothing
+        (["--arch", "mamba", "--attention", "explicit"], "--attention"),  # and the GPT's flag on Mamba
     ],
 )
 def test_bad_mamba_values_exit_2_with_one_line(flags, named, corpus_file, tmp_path, capsys):
@@ -255,3 +259,15 @@ def test_benchmark_reports_a_flat_state_against_a_growing_kv_cache(tiny_runs, tm
     assert mamba[0] * 2**20 == 1 * mc.n_layer * mc.d_inner * (mc.d_conv + mc.d_state) * 4
     assert rows[("scan_max_abs_diff_vs_ref", "chunked scan")]["value"] < 1e-3
     assert rows[("scan_ms", "triton scan")]["value"] is None  # no GPU: not measured, not interpreted
+
+
+def test_a_log_gets_no_weight_decay():
+    """mamba-ssm marks A_log _no_weight_decay: decay would pull every A towards -exp(0) = -1, erasing the
+    S4D-real spread of time scales. A_log is a (Di, N) matrix, which the rule "decay matrices" caught."""
+    m = model()
+    tc = P.train.PRESETS["tiny"][1]
+    groups = P.train.make_optimizer(m, tc, torch.device("cpu")).param_groups
+    decay = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert tc.weight_decay > 0 and m.blocks[0].mamba.in_proj.weight.dim() == 2
+    assert id(m.blocks[0].mamba.in_proj.weight) in decay  # the matmul weights still decay
+    assert not any(id(b.mamba.A_log) in decay or id(b.mamba.D) in decay for b in m.blocks)

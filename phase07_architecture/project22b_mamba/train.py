@@ -121,7 +121,12 @@ def arch_name(text: str) -> str:
 
 def rank(text: str) -> int | str:
     """--dt-rank: "auto" (ceil(n_embd / 16)) or a positive integer."""
-    return text if text == "auto" else positive_int(text)
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:  # positive_int's message would not say that auto is allowed
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer, got {text}") from None
 
 
 MODEL_FLAGS = {
@@ -180,9 +185,13 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: torch.device) -> torch.o
     """AdamW with weight decay on matrices (matmul weights and embeddings) only: decaying biases and
     LayerNorm gains only pulls them from their useful values without regularising anything."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head weight appears once
+    # NEW: nor Mamba's A_log, a (Di, N) matrix but no matmul weight (mamba-ssm's _no_weight_decay): decay
+    # would pull every A towards -1 and erase the init's spread of time scales
+    keep = {id(p) for name, p in model.named_parameters() if name.endswith("mamba.A_log")}
+    decay = [p.dim() >= 2 and id(p) not in keep for p in params]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decay, strict=True) if d], "weight_decay": tc.weight_decay},
+        {"params": [p for p, d in zip(params, decay, strict=True) if not d], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"  # one kernel for the whole update instead of several per parameter
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
@@ -326,6 +335,13 @@ def parse_args(argv):
     return args
 
 
+def refuse_attention_on_mamba(args, mc: GPTConfig) -> GPTConfig:  # NEW: the GPT's flag on Mamba
+    """--attention picks the GPT's attention kernel; a Mamba model has none and would ignore it."""
+    if mc.arch == "mamba" and args.attention != "sdpa":
+        raise UserError(f"--attention {args.attention} configures attention; Mamba blocks have none")
+    return mc
+
+
 def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, dict]:
     """The run's preset, configs and metadata: a preset's, or what a resumed run recorded; then the flags.
     Checked before anything is computed or written."""
@@ -341,7 +357,7 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
         if unused and mc.arch != "mamba":  # NEW: a Mamba flag on the GPT would be silently ignored
             flags = ", ".join("--" + f.replace("_", "-") for f in unused)
             raise UserError(f"{flags} configure Mamba blocks; the GPT has none: pass --arch mamba too")
-        return preset, mc, override(tc, args, TRAIN_FLAGS), meta
+        return preset, refuse_attention_on_mamba(args, mc), override(tc, args, TRAIN_FLAGS), meta
     recorded = {**saved["training"], **saved["model"], **saved["training"]["train_config"]}
     refuse_changes_on_resume(args, recorded, FIXED_ON_RESUME)
     training = saved["training"]
@@ -366,7 +382,7 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
             "--max-iters to train further (the cosine schedule is then stretched to it)"
         )
-    mc = replace(GPTConfig(**saved["model"]), flash=flash)
+    mc = refuse_attention_on_mamba(args, replace(GPTConfig(**saved["model"]), flash=flash))
     return training["preset"], mc, tc, {k: saved[k] for k in ("tokenizer", "training")}
 
 
