@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,6 +144,27 @@ def hf_export_error(project: SimpleNamespace, model, folder: Path, capsys) -> st
         rc = run_main(project.hf, "--checkpoint", folder / "refused", "--out", folder / "refused_hf")
     assert not (folder / "refused_hf").exists()
     return assert_one_line_error(capsys, rc)
+
+
+def train_with_and_without_ddp(project: SimpleNamespace, flags: list[str], folder: Path, cache: Path):
+    """Train with `flags` twice, under torchrun in two gloo processes (folder/ddp) and in this one process
+    (folder/single), GPT-2's tokenizer files read from `cache`. Returns both checkpoints' models, which a
+    training-line project must make equal: the same data and the same averaged gradient, the same weights."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(project.train.__file__), *flags, "--out", str(folder / "ddp")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert run_main(project.train, *flags, "--out", folder / "single") == 0
+    ddp, single = (project.checkpoint.load_checkpoint(folder / run)[0] for run in ("ddp", "single"))
+    return ddp, single
+
+
+def assert_same_weights(model, reference, atol: float = 1e-6) -> None:
+    """Every tensor of model's state equals reference's, to rtol 1e-5 and atol."""
+    expected = reference.state_dict()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=1e-5, atol=atol, msg=name)
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -7,20 +7,19 @@ gates; train.py trains (with DDP too), resumes and refuses bad values in one lin
 benchmark reports."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
     assert_one_line_error,
+    assert_same_weights,
     hf_export_error,
     load_project,
     perturb_,
     read_report,
     run_main,
     tiny_trainer,
+    train_with_and_without_ddp,
 )
 
 P = load_project("project21_moe")
@@ -393,14 +392,6 @@ def test_ddp_trains_a_mixture_as_one_process_does_biases_included(corpus_file, t
     flags = ["--preset", "tiny", "--data", str(corpus_file), "--max-iters", "3", "--eval-interval", "3",
              "--eval-iters", "1", "--device", "cpu", "--total-batch-tokens", "512", "--n-expert", "4",
              "--top-k", "1", "--capacity-factor", "1.5", "--bias-update", "0.01"]  # fmt: skip
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tiktoken_cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(P.train.__file__), *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert run_main(P.train, *flags, "--out", tmp_path / "single") == 0
-    ddp, _ = P.checkpoint.load_checkpoint(tmp_path / "ddp")
-    single, _ = P.checkpoint.load_checkpoint(tmp_path / "single")
-    for name, weight in single.state_dict().items():
-        torch.testing.assert_close(ddp.state_dict()[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    ddp, single = train_with_and_without_ddp(P, flags, tmp_path, tiktoken_cache)
+    assert_same_weights(ddp, single)
     assert single.blocks[0].mlp.router.expert_bias.abs().sum() > 0

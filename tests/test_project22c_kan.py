@@ -8,20 +8,19 @@ reports."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
     assert_one_line_error,
+    assert_same_weights,
+    hf_export_error,
     load_project,
-    modules_installed,
     perturb_,
     read_report,
     run_main,
     tiny_trainer,
+    train_with_and_without_ddp,
 )
 
 P = load_project("project22c_kan")
@@ -302,12 +301,7 @@ def test_a_16_bit_kan_keeps_fp32_knots_and_updates_its_grid_without_nans():
 
 
 def test_hf_export_refuses_a_kan_model_in_one_line(tmp_path, capsys):
-    meta = {"tokenizer": {"type": "tiktoken"}, "training": {}}
-    P.checkpoint.save_checkpoint(tmp_path / "kan", P.model.GPT(P.model.GPTConfig(**SMALL, mlp="kan")), meta)
-    with modules_installed(P):  # hf.main imports checkpoint.py by its bare name when it runs
-        rc = run_main(P.hf, "--checkpoint", tmp_path / "kan", "--out", tmp_path / "hf")
-    assert "KAN" in assert_one_line_error(capsys, rc)
-    assert not (tmp_path / "hf").exists()
+    assert "KAN" in hf_export_error(P, P.model.GPT(P.model.GPTConfig(**SMALL, mlp="kan")), tmp_path, capsys)
 
 
 def test_benchmark_reports_every_variant(tiny_runs, tmp_path):
@@ -341,13 +335,5 @@ def test_ddp_with_grid_updates_trains_as_one_process_does(corpus_file, tiktoken_
     flags = ["--preset", "tiny", "--data", str(corpus_file), "--max-iters", "3", "--eval-interval", "3",
              "--eval-iters", "1", "--device", "cpu", "--total-batch-tokens", "512", "--mlp", "kan",
              "--grid-updates", "2", "--kan-l1", "0.001"]  # fmt: skip
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tiktoken_cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(P.train.__file__), *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert run_main(P.train, *flags, "--out", tmp_path / "single") == 0
-    ddp, _ = P.checkpoint.load_checkpoint(tmp_path / "ddp")
-    single, _ = P.checkpoint.load_checkpoint(tmp_path / "single")
-    for name, weight in single.state_dict().items():
-        torch.testing.assert_close(ddp.state_dict()[name], weight, rtol=1e-5, atol=1e-5, msg=name)
+    ddp, single = train_with_and_without_ddp(P, flags, tmp_path, tiktoken_cache)
+    assert_same_weights(ddp, single, atol=1e-5)

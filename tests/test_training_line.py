@@ -6,14 +6,17 @@ does, keep an overflowed step out of the weights, and keep fp16's small gradient
 (08 on) has none of this: its short single-device loop is held to test_contract.py alone."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import PROJECTS, load_project, run_main, train_tiny
+from conftest import (
+    PROJECTS,
+    assert_same_weights,
+    load_project,
+    train_tiny,
+    train_with_and_without_ddp,
+)
 
 TRAINING_LINE = [p for p in PROJECTS if (p / "distributed.py").exists()]
 LOSS_SCALING = [
@@ -27,30 +30,18 @@ def project(request):
     return request.param
 
 
-def weights(project, ckpt):
-    model, _ = load_project(project).checkpoint.load_checkpoint(ckpt)
-    return model.state_dict()
-
-
 def test_two_processes_with_ddp_equal_one_process(project, corpus_file, tiktoken_cache, tmp_path):
     """512 tokens a step: 4 micro-batches of 4 x 32 in one process, or 2 in each of two gloo processes
     (torchrun), so DDP's no_sync path runs too. Same data, same averaged gradient, so the same weights."""
     P = load_project(project)
     flags = ["--preset", "tiny", "--data", str(corpus_file), "--max-iters", "4", "--eval-interval", "4",
              "--eval-iters", "1", "--device", "cpu", "--total-batch-tokens", "512"]  # fmt: skip
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tiktoken_cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(P.train.__file__), *flags, "--out", str(tmp_path / "ddp")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    ddp, single = train_with_and_without_ddp(P, flags, tmp_path, tiktoken_cache)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["training"]["world_size"] == 2
-    assert run_main(P.train, *flags, "--out", tmp_path / "single") == 0
-    ddp, single = weights(project, tmp_path / "ddp"), weights(project, tmp_path / "single")
-    for name in single:
-        torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(ddp, single)
     torch.manual_seed(1337)  # the tiny preset's seed: the weights the runs started from
-    start = P.model.GPT(load_project(project).checkpoint.load_checkpoint(tmp_path / "single")[0].config)
-    assert not torch.equal(single["wpe.weight"], start.wpe.weight)  # it did train
+    start = P.model.GPT(single.config)
+    assert not torch.equal(single.wpe.weight, start.wpe.weight)  # it did train
 
 
 def test_resume_needs_the_same_number_of_processes(project, tiny_runs, tmp_path, capsys):
