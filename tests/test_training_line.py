@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     PROJECTS,
+    assert_one_line_error,
     assert_same_weights,
     load_project,
     train_tiny,
@@ -51,6 +52,27 @@ def test_resume_needs_the_same_number_of_processes(project, tiny_runs, tmp_path,
     (ckpt / "config.json").write_text(json.dumps(config))
     assert train_tiny(project, "--resume", "--max-iters", 1000, "--out", ckpt) == 2
     assert "2 process(es)" in capsys.readouterr().err
+
+
+# A field value each project's GPTConfig checks and refuses: what a config.json edited by hand might hold.
+REFUSED_MODEL_FIELDS = {
+    "project19_weight_sharing": {"repeat": 0},
+    "project21_moe": {"n_expert": 2, "top_k": 5},
+    "project22_memory_efficient": {"recompute": "bogus"},
+    "project22b_mamba": {"d_state": 0},
+    "project22c_kan": {"grid_size": 0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_MODEL_FIELDS))
+def test_resuming_a_checkpoint_whose_model_config_is_refused_is_one_line(name, tiny_runs, tmp_path, capsys):
+    ckpt = shutil.copytree(tiny_runs.checkpoint(name), tmp_path / "ck")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"].update(REFUSED_MODEL_FIELDS[name])
+    (ckpt / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    rc = train_tiny(name, "--resume", "--max-iters", 1000, "--out", ckpt)
+    assert "model config" in assert_one_line_error(capsys, rc)
 
 
 def test_training_draws_its_loss_curve(project, tiny_runs):

@@ -350,7 +350,11 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
             "--max-iters to train further (the cosine schedule is then stretched to it)"
         )
-    mc = memory_config(GPTConfig(**saved["model"]), args)  # NEW: as recorded, unless a flag changes it
+    try:  # a recorded config the model refuses (e.g. an unknown recompute mode) is one line too
+        recorded_mc = GPTConfig(**saved["model"])
+    except ValueError as e:
+        raise UserError(f"checkpoint {args.out} has a model config this project cannot read ({e})") from e
+    mc = memory_config(recorded_mc, args)  # NEW: as recorded, unless a flag changes it
     return training["preset"], mc, tc, {k: saved[k] for k in ("tokenizer", "training")}
 
 

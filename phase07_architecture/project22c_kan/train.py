@@ -376,7 +376,10 @@ def configure(args, d: distributed.Dist) -> tuple[str, GPTConfig, TrainConfig, d
             f"the run in {args.out} already finished its {tc.max_iters} steps; pass a larger "
             "--max-iters to train further (the cosine schedule is then stretched to it)"
         )
-    mc = replace(GPTConfig(**saved["model"]), flash=flash)
+    try:  # a recorded config the model refuses (e.g. grid_size 0, edited by hand) is one line too
+        mc = replace(GPTConfig(**saved["model"]), flash=flash)
+    except ValueError as e:
+        raise UserError(f"checkpoint {args.out} has a model config this project cannot read ({e})") from e
     return training["preset"], mc, tc, {k: saved[k] for k in ("tokenizer", "training")}
 
 
